@@ -1,0 +1,85 @@
+"""Dataset cards: declarative YAML files (CoOp folder, split file, sizes, templates, search ranges).
+
+The cards live in the repository's `datasets/` folder, installed as the data-only package
+`harness.dataset_cards`, so they are found in a checkout and after a non-editable install alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from harness.errors import HarnessError
+
+SUITES = ("standard", "demo")
+
+
+@dataclass(frozen=True)
+class DatasetCard:
+    name: str
+    title: str
+    suite: str
+    folder: str
+    reader: str  # coop_split | fgvc_aircraft | imagenet
+    image_dir: str
+    num_classes: int
+    test_size: int
+    template: str
+    tip_adapter: dict
+    split_file: str | None = None
+    templates: tuple[str, ...] = ()
+    recipe: dict = field(default_factory=dict)  # per-dataset recipe settings, e.g. coop epochs on ImageNet
+    generator: str | None = None  # demo suite only: which generator draws the images
+
+    @property
+    def ensemble(self) -> tuple[str, ...]:
+        """Templates for an ensemble classifier: the card's set, or its single template."""
+        return self.templates or (self.template,)
+
+    def recipe_for(self, method: str) -> dict:
+        return dict(self.recipe.get(method, {}))
+
+
+def cards_dir():
+    """The checkout's `datasets/` folder when running from source, else the installed copy."""
+    checkout = Path(__file__).resolve().parent.parent / "datasets"
+    if (checkout / "_suites.yaml").is_file():
+        return checkout
+    return resources.files("harness.dataset_cards")
+
+
+@lru_cache(maxsize=1)
+def all_cards() -> dict[str, DatasetCard]:
+    cards = {}
+    for entry in sorted(cards_dir().iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml") and not entry.name.startswith("_"):
+            raw = yaml.safe_load(entry.read_text())
+            raw["templates"] = tuple(raw.get("templates", ()))
+            cards[raw["name"]] = DatasetCard(**raw)
+    return cards
+
+
+@lru_cache(maxsize=1)
+def suites() -> dict[str, dict]:
+    """Suite settings (default backbone, method budget overrides) from `datasets/_suites.yaml`."""
+    return yaml.safe_load(cards_dir().joinpath("_suites.yaml").read_text())
+
+
+def suite_cards(suite: str) -> list[DatasetCard]:
+    if suite not in SUITES:
+        raise HarnessError(f"Unknown suite '{suite}'. Choose one of: {', '.join(SUITES)}.")
+    return [c for c in all_cards().values() if c.suite == suite]
+
+
+def get_card(name: str) -> DatasetCard:
+    cards = all_cards()
+    if name not in cards:
+        raise HarnessError(
+            f"Unknown dataset '{name}'. Known datasets: {', '.join(cards)}. "
+            "See `harness list datasets`."
+        )
+    return cards[name]

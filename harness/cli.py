@@ -1,0 +1,182 @@
+"""The `harness` command line (Typer + rich). Each command parses options and hands over to one module."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harness import paths
+from harness.errors import HarnessError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Few-shot CLIP adaptation benchmark and leaderboard.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and few-shot subsets.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+def _split(values: Optional[list[str]]) -> list[str]:
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def _ints(value: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise HarnessError(f"{option} expects comma-separated integers, got '{value}'.") from None
+
+
+@app.command()
+def run(
+    method: Optional[list[str]] = typer.Option(None, "-m", "--method", help="Method name(s), comma-separated."),
+    all_methods: bool = typer.Option(False, "--all-methods", help="Every registered method."),
+    dataset: Optional[list[str]] = typer.Option(None, "-d", "--dataset", help="Dataset name(s), comma-separated."),
+    all_datasets: bool = typer.Option(False, "--all-datasets", help="Every dataset of the suite."),
+    suite: str = typer.Option("standard", help="standard (the 11 CoOp datasets) or demo (generated)."),
+    shots: str = typer.Option("1,2,4,8,16", help="Shot counts."),
+    seeds: str = typer.Option("1,2,3", help="Seeds."),
+    backbone: Optional[list[str]] = typer.Option(None, "-b", "--backbone", help="Backbone(s); default ViT-B-16 (demo: tiny)."),
+    weights: Optional[str] = typer.Option(None, help="Local checkpoint for the backbone (OpenAI .pt or open_clip file)."),
+    data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout [env HARNESS_DATA_ROOT, default ./data]."),
+    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Hyper-parameter override KEY=VALUE, repeatable."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."),
+    force: bool = typer.Option(False, "--force", help="Redo runs that are already complete."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid and exit."),
+):
+    """Run methods over datasets, shots and seeds; store every run in DuckDB."""
+    from harness.backbones import resolve_weights
+    from harness.cards import suite_cards, suites
+    from harness.grid import build_grid, parse_sets
+    from harness.runner import resolve_device, resolve_precision, run_sweep
+    from harness.store import completed_hashes
+    from methods import REGISTRY
+
+    methods = list(REGISTRY) if all_methods else _split(method)
+    if not methods:
+        raise HarnessError("Name a method with -m/--method NAME (see `harness list methods`) or pass --all-methods.")
+    names = [c.name for c in suite_cards(suite)] if all_datasets else _split(dataset)
+    if not names:
+        raise HarnessError(f"Name a dataset with -d/--dataset NAME or pass --all-datasets (suite '{suite}').")
+    backbones = _split(backbone) or [suites()[suite]["default_backbone"]]
+    if weights and len(backbones) > 1:
+        raise HarnessError("--weights applies to one backbone; run each backbone with its own --weights.")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    identities = {b: resolve_weights(b, weights)[1] for b in backbones}
+    grid = build_grid(methods, names, suite, _ints(shots, "--shots"), _ints(seeds, "--seeds"), identities, prec, parse_sets(set_ or []))
+    db_path = paths.db_path(db)
+    if dry_run:
+        table = Table("#", "method", "dataset", "backbone", "shots", "seed", "config hash", title=f"{len(grid)} runs")
+        for i, spec in enumerate(grid, 1):
+            table.add_row(str(i), spec.method, spec.dataset, spec.backbone, str(spec.shots), str(spec.seed), spec.config_hash)
+        console.print(table)
+        return
+    done = set() if force else completed_hashes(db_path)
+    result = run_sweep(
+        grid,
+        data_root=paths.data_root(data_root),
+        db=db_path,
+        done=done,
+        weights_paths={b: weights for b in backbones},
+        device=dev,
+        console=console,
+    )
+    console.print(f"{result.ok} ok, {result.failed} failed, {result.skipped} skipped (already complete). Database: {db_path}")
+    if result.failed:
+        console.print("[red]Failed runs:[/red]\n  " + "\n  ".join(result.failures))
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_(what: str = typer.Argument(..., help="methods, datasets or backbones")):
+    """List registered methods, dataset cards or backbones."""
+    from harness.backbones import BACKBONES, OPENAI_ARCH
+    from harness.cards import all_cards
+    from methods import REGISTRY
+
+    if what == "methods":
+        table = Table("method", "paper", "known deviations", "defaults", show_lines=True)
+        for cls in REGISTRY.values():
+            table.add_row(cls.name, cls.paper, cls.deviations, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
+    elif what == "datasets":
+        table = Table("dataset", "suite", "folder", "classes", "test", "template")
+        for card in all_cards().values():
+            table.add_row(card.name, card.suite, card.folder, str(card.num_classes), str(card.test_size), card.template)
+    elif what == "backbones":
+        table = Table("backbone", "architecture", "weights")
+        for name in BACKBONES:
+            arch = OPENAI_ARCH.get(name, "small ViT CLIP (2+2 layers, width 64)")
+            table.add_row(name, arch, "OpenAI (local file or cache)" if name in OPENAI_ARCH else "seeded / demo-pretrained")
+    else:
+        raise HarnessError(f"`harness list` takes methods, datasets or backbones, not '{what}'.")
+    console.print(table)
+
+
+@data_app.command("check")
+def data_check(
+    data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout [env HARNESS_DATA_ROOT, default ./data]."),
+    suite: str = typer.Option("standard", help="standard or demo."),
+):
+    """Which datasets are present, incomplete or missing, and why."""
+    from harness.cards import suite_cards
+    from harness.data.check import check_dataset
+    from harness.data.demo import ensure_demo
+
+    cards = suite_cards(suite)
+    root = ensure_demo(cards) if suite == "demo" else paths.data_root(data_root)
+    table = Table("dataset", "status", "path", "detail", title=f"data root {root.resolve()}")
+    colour = {"present": "green", "incomplete": "yellow", "missing": "red"}
+    results = [check_dataset(card, root) for card in cards]
+    for r in results:
+        table.add_row(r.card.name, f"[{colour[r.status]}]{r.status}[/]", str(r.path), r.detail)
+    console.print(table)
+    counts = {s: sum(r.status == s for r in results) for s in colour}
+    console.print(", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+@data_app.command("manifest")
+def data_manifest(
+    dataset: str = typer.Option(..., "-d", "--dataset", help="Dataset name."),
+    shots: int = typer.Option(..., help="Shots per class (K)."),
+    seed: int = typer.Option(..., help="Sampling seed."),
+    data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout [env HARNESS_DATA_ROOT, default ./data]."),
+):
+    """Print the few-shot subset (train and val paths and labels) as JSON."""
+    from harness.data.fewshot import manifest_for
+    from harness.runner import load_datasets
+
+    if shots < 1:
+        raise HarnessError("--shots must be at least 1.")
+    splits = load_datasets([dataset], paths.data_root(data_root))[dataset]
+    print(manifest_for(splits, shots, seed).to_json())
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except HarnessError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print(
+            "[bold yellow]interrupted:[/bold yellow] every run that finished is stored; the run in progress was "
+            "discarded. Run the same command again to resume."
+        )
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(2)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise

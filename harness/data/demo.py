@@ -1,0 +1,156 @@
+"""The demo suite: small image datasets drawn deterministically on first use, in CoOp's layout.
+
+Each dataset has 8 classes a model can learn to tell apart (shapes, colours, textures), real PNG
+files under `images/<class>/` and a `split_zhou_<Title>.json`, so it goes through exactly the same
+reader, sampler and cache code as the real datasets. Nothing here depends on the machine: the
+same bytes are drawn everywhere for a given generator version.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from harness.cards import DatasetCard
+from harness.paths import cache_dir
+
+GENERATOR_VERSION = 1
+SIZE = 64
+PER_CLASS = {"train": 24, "val": 8, "test": 30}
+
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon"]
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 220, 30),
+    "purple": (130, 40, 170), "orange": (245, 140, 20), "cyan": (30, 210, 220), "pink": (250, 140, 200),
+}
+TEXTURES = ["striped", "checkered", "dotted", "zigzagged", "grid", "speckled", "banded", "blotchy"]
+CLASSNAMES = {"shapes": SHAPES, "colours": list(COLOURS), "textures": TEXTURES}
+
+
+def demo_root() -> Path:
+    return cache_dir() / f"demo-v{GENERATOR_VERSION}"
+
+
+def _polygon(cx, cy, r, n, rot, inner=None):
+    pts = []
+    for k in range(n * (2 if inner else 1)):
+        rad = (inner if inner and k % 2 else 1.0) * r
+        a = rot + math.pi * 2 * k / (n * (2 if inner else 1))
+        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+    return pts
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, rng: np.random.Generator, fill) -> None:
+    r = rng.uniform(14, 24)
+    cx, cy = rng.uniform(r + 2, SIZE - r - 2, size=2)
+    rot = rng.uniform(0, 2 * math.pi)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=int(r / 3))
+    elif shape == "square":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 4, rot), fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r * 0.6, cy), (cx, cy + r), (cx - r * 0.6, cy)], fill=fill)
+    elif shape == "triangle":
+        draw.polygon(_polygon(cx, cy, r, 3, rot), fill=fill)
+    elif shape == "hexagon":
+        draw.polygon(_polygon(cx, cy, r, 6, rot), fill=fill)
+    elif shape == "star":
+        draw.polygon(_polygon(cx, cy, r, 5, rot, inner=0.45), fill=fill)
+    elif shape == "cross":
+        w = r / 3
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+
+
+def _texture(name: str, rng: np.random.Generator) -> np.ndarray:
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    period = rng.uniform(6, 12)
+    phase = rng.uniform(0, period)
+    theta = rng.uniform(0, math.pi)
+    u = x * math.cos(theta) + y * math.sin(theta) + phase
+    v = -x * math.sin(theta) + y * math.cos(theta) + phase
+    if name == "striped":
+        m = (u % period) < period / 2
+    elif name == "checkered":
+        m = ((u // (period / 2)) + (v // (period / 2))) % 2 == 0
+    elif name == "dotted":
+        m = ((u % period - period / 2) ** 2 + (v % period - period / 2) ** 2) < (period / 4) ** 2
+    elif name == "zigzagged":
+        m = ((u + period / 2 * np.abs(((v / period) % 2) - 1)) % period) < period / 2
+    elif name == "grid":
+        m = ((u % period) < 1.6) | ((v % period) < 1.6)
+    elif name == "speckled":
+        m = rng.random((SIZE, SIZE)) < 0.25
+    elif name == "banded":
+        m = (u % (period * 3)) < period * 0.6
+    else:  # blotchy: smooth random field, thresholded
+        coarse = rng.random((6, 6))
+        field = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((SIZE, SIZE), Image.BICUBIC))
+        m = field > 128
+    return m
+
+
+def _image(generator: str, cls: str, rng: np.random.Generator) -> Image.Image:
+    bg = tuple(int(c) for c in rng.integers(60, 200, size=3))
+    if generator == "textures":
+        fg = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        mask = _texture(cls, rng)
+        arr = np.where(mask[..., None], np.array(fg, np.uint8), np.array(bg, np.uint8))
+        img = Image.fromarray(arr.astype(np.uint8))
+    else:
+        gray = int(rng.integers(70, 190))
+        if generator == "colours":
+            fill = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in COLOURS[cls])
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            bg = (gray, gray, gray)
+        else:
+            fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            shape = cls
+        img = Image.new("RGB", (SIZE, SIZE), bg)
+        _draw_shape(ImageDraw.Draw(img), shape, rng, fill)
+    noise = rng.normal(0, 8, size=(SIZE, SIZE, 3))
+    return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
+
+
+def generate(card: DatasetCard, root: Path) -> None:
+    """Draw the dataset into a temporary folder, then move it into place in one rename."""
+    target = root / card.folder
+    if target.is_dir():
+        return
+    tmp = root / f".{card.folder}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    classes = CLASSNAMES[card.generator]
+    rng = np.random.default_rng(zlib.crc32(card.name.encode()) + GENERATOR_VERSION)
+    split = {}
+    for part, n in PER_CLASS.items():
+        split[part] = []
+        for label, cls in enumerate(classes):
+            for k in range(n):
+                rel = f"{cls}/{part}_{k:03d}.png"
+                path = tmp / card.image_dir / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _image(card.generator, cls, rng).save(path)
+                split[part].append([rel, label, cls])
+    (tmp / card.split_file).write_text(json.dumps(split))
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_demo(cards: list[DatasetCard]) -> Path:
+    root = demo_root()
+    root.mkdir(parents=True, exist_ok=True)
+    for card in cards:
+        generate(card, root)
+    return root

@@ -1,0 +1,95 @@
+"""Image decoding, CLIP's evaluation preprocessing, GPU-side train augmentation, and the pixel cache.
+
+Evaluation pixels (shorter side resized to the backbone's size with bicubic, centre crop, as CLIP's
+own preprocess; never a straight resize) are decoded once per (dataset, split, size) and cached on
+disk as uint8 safetensors. Training images stay decoded in memory as uint8 tensors and are
+augmented where the model runs, so no JPEG is decoded inside a training loop.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+from harness.data.readers import Item
+from harness.cache import cached_tensor, digest
+from harness.errors import DataError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"Image {path} is missing. Check the dataset's image_dir with `harness data check`.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"Image {path} is corrupt or unreadable ({exc}). Replace or remove it.") from None
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return TF.pil_to_tensor(img)  # uint8 CHW
+
+
+def eval_view(img: Image.Image, size: int) -> torch.Tensor:
+    """CLIP's test transform up to normalisation: bicubic resize of the shorter side, centre crop."""
+    w, h = img.size
+    scale = size / min(w, h)
+    if (w, h) != (size, size):
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    return to_tensor(TF.center_crop(img, [size, size]))
+
+
+def _map(fn, items):
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, items))
+
+
+def decode_items(root: Path, items: list[Item]) -> list[torch.Tensor]:
+    """Original-resolution uint8 tensors, for training-time augmentation."""
+    return _map(lambda it: to_tensor(load_rgb(root / it.path)), items)
+
+
+def eval_pixels(root: Path, dataset: str, items: list[Item], size: int) -> torch.Tensor:
+    """[N, 3, size, size] uint8 evaluation pixels, decoded once and cached on disk."""
+
+    def decode() -> torch.Tensor:
+        if not items:
+            return torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return torch.stack(_map(lambda it: eval_view(load_rgb(root / it.path), size), items))
+
+    return cached_tensor("pixels", f"{dataset}/{size}px_{len(items)}_{digest(str(root.resolve()), [(i.path, i.label) for i in items])}", decode)
+
+
+def normalize(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 [N,3,H,W] -> float32 CLIP-normalised, on `device`."""
+    x = pixels.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def random_resized_crops(
+    images: list[torch.Tensor], size: int, scale: tuple[float, float], flip: bool = True
+) -> torch.Tensor:
+    """Per-image RandomResizedCrop (bicubic, antialiased) + horizontal flip on uint8 tensors.
+
+    Draws from torch's global generator, so a seeded run repeats exactly. Runs on the images'
+    device: keep them on the GPU to augment there.
+    """
+    out = []
+    for img in images:
+        top, left, h, w = RandomResizedCrop.get_params(img, scale=list(scale), ratio=[3 / 4, 4 / 3])
+        crop = TF.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
+        if flip and torch.rand(()) < 0.5:
+            crop = TF.horizontal_flip(crop)
+        out.append(crop)
+    return torch.stack(out)

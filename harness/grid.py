@@ -1,0 +1,112 @@
+"""The run grid: CLI options -> a list of fully resolved runs, each with its config hash.
+
+Hyper-parameters resolve in this order: the method's defaults (the official recipe), the dataset
+card's recipe (e.g. CoOp's 50 epochs on ImageNet), the suite's overrides (the demo's smaller
+budgets), then `--set KEY=VALUE`. The resolved config, not the command line, is what is hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import yaml
+
+from harness import PROTOCOL_VERSION
+from harness.cards import get_card, suites
+from harness.errors import HarnessError
+from methods import REGISTRY
+
+SHOTS = (1, 2, 4, 8, 16)
+SEEDS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    dataset: str
+    backbone: str
+    shots: int
+    seed: int
+    suite: str
+    weights: str  # identity of the weights
+    precision: str
+    hparams: dict = field(hash=False, compare=False)
+    overrides: dict = field(hash=False, compare=False)  # the suite-level overrides that were applied
+
+    @property
+    def config(self) -> dict:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "method": self.method,
+            "hparams": self.hparams,
+            "dataset": self.dataset,
+            "suite": self.suite,
+            "shots": self.shots,
+            "seed": self.seed,
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "precision": self.precision,
+            "suite_overrides": self.overrides,
+        }
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.dataset} {self.backbone} {self.shots}-shot seed {self.seed}"
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise HarnessError(f"--set expects KEY=VALUE, got '{pair}'.")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def method_class(name: str):
+    if name not in REGISTRY:
+        raise HarnessError(f"Unknown method '{name}'. Known methods: {', '.join(REGISTRY)}. See `harness list methods`.")
+    return REGISTRY[name]
+
+
+def resolve_hparams(method: str, dataset: str, suite: str, sets: dict) -> tuple[dict, dict]:
+    cls = method_class(method)
+    overrides = suites()[suite].get("overrides", {}).get(method, {})
+    hp = {**cls.defaults, **get_card(dataset).recipe_for(method), **overrides}
+    hp.update({k: v for k, v in sets.items() if k in cls.defaults})
+    return hp, dict(overrides)
+
+
+def build_grid(
+    methods: list[str],
+    datasets: list[str],
+    suite: str,
+    shots: list[int],
+    seeds: list[int],
+    backbones: dict[str, str],  # backbone name -> weights identity
+    precision: str,
+    sets: dict,
+) -> list[RunSpec]:
+    for name in methods:
+        method_class(name)
+    unknown = [k for k in sets if not any(k in REGISTRY[m].defaults for m in methods)]
+    if unknown:
+        known = sorted({k for m in methods for k in REGISTRY[m].defaults})
+        raise HarnessError(f"--set {', '.join(unknown)}: no selected method has this hyper-parameter. Known: {', '.join(known)}.")
+    grid = []
+    for backbone, weights in backbones.items():
+        for dataset in datasets:
+            for method in methods:
+                hp, overrides = resolve_hparams(method, dataset, suite, sets)
+                method_shots = shots if REGISTRY[method].uses_shots else [0]
+                for k in method_shots:
+                    for seed in seeds:
+                        grid.append(RunSpec(method, dataset, backbone, k, seed, suite, weights, precision, hp, overrides))
+    return grid

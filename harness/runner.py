@@ -1,0 +1,243 @@
+"""Execute a grid of runs: load each backbone and dataset once, fit and evaluate each method, store.
+
+A run's record is written only when the run has finished (ok, or failed with its error), in one
+transaction, so Ctrl-C never leaves half a run behind and the next invocation resumes where this
+one stopped. Bad input (a missing dataset, a corrupt image) stops the sweep with exit code 2;
+a method that crashes or diverges is stored as `failed` and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import subprocess
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import harness
+from harness.backbones import Backbone, load_backbone
+from harness.cards import get_card
+from harness.data.demo import ensure_demo
+from harness.data.fewshot import manifest_for
+from harness.data.readers import DatasetSplits, read_dataset
+from harness.errors import DataError, HarnessError
+from harness.grid import RunSpec
+from harness.store import write_record
+from methods import REGISTRY, ImageSet, Task
+from methods.base import Steps
+
+
+@dataclass
+class SweepResult:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(harness.__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("--device cuda was asked for but no CUDA GPU is visible. Use --device cpu or auto.")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """fp32 on CPU; bf16 autocast by default on CUDA (fp16 on request)."""
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if device == "cpu" and precision != "fp32":
+        raise HarnessError(f"--precision {precision} needs a GPU; on CPU the harness runs fp32.")
+    return precision
+
+
+def load_datasets(names: list[str], data_root: Path) -> dict[str, DatasetSplits]:
+    """Read every dataset of the grid up front; report all missing ones at once."""
+    cards = [get_card(n) for n in names]
+    demo = [c for c in cards if c.suite == "demo"]
+    demo_root = ensure_demo(demo) if demo else None
+    loaded, problems = {}, []
+    for card in cards:
+        try:
+            loaded[card.name] = read_dataset(card, demo_root if card.suite == "demo" else data_root)
+        except DataError as exc:
+            problems.append(f"  - {exc}")
+    if problems:
+        raise DataError(
+            f"{len(problems)} of {len(cards)} datasets cannot be read under the data root {data_root.resolve()}:\n"
+            + "\n".join(problems)
+            + "\nLay them out as in CoOp's DATASETS.md, pass --data-root PATH (or set HARNESS_DATA_ROOT), "
+            "check with `harness data check`, or try the generated demo with --suite demo."
+        )
+    return loaded
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def device_label(device: str) -> str:
+    return f"cuda:{torch.cuda.get_device_name()}" if device == "cuda" else "cpu"
+
+
+def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: ImageSet, feature_cache: dict, start_steps) -> dict:
+    """Fit and evaluate one run; returns its record (status ok or failed)."""
+    device = backbone.device.type
+    record = {
+        "run_id": uuid.uuid4().hex,
+        "config_hash": spec.config_hash,
+        "config": spec.config,
+        "method": spec.method,
+        "dataset": spec.dataset,
+        "suite": spec.suite,
+        "backbone": spec.backbone,
+        "weights": spec.weights,
+        "shots": spec.shots,
+        "seed": spec.seed,
+        "precision": spec.precision,
+        "device": device_label(device),
+        "harness_version": harness.__version__,
+        "git_sha": git_sha(),
+        "started_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "n_test": len(test),
+    }
+    seed_everything(spec.seed)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    size = backbone.image_size
+    if spec.shots > 0:
+        manifest = manifest_for(splits, spec.shots, spec.seed)
+        train = ImageSet(splits.root, spec.dataset, manifest.train, size)
+        val = ImageSet(splits.root, spec.dataset, manifest.val, size)
+        record["config"] = {**spec.config, "manifest_hash": manifest.content_hash}
+    else:
+        train = val = ImageSet(splits.root, spec.dataset, [], size)
+    task = Task(
+        card=splits.card,
+        classnames=[c.replace("_", " ") for c in splits.classnames],
+        shots=spec.shots,
+        seed=spec.seed,
+        backbone=backbone,
+        precision=spec.precision,
+        train=train,
+        val=val,
+        test=test,
+        start_steps=start_steps,
+        feature_cache=feature_cache,
+    )
+    method = REGISTRY[spec.method](**spec.hparams)
+    try:
+        t0 = time.perf_counter()
+        method.fit(task)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            logits = method.predict(task, test)
+        t2 = time.perf_counter()
+        top1 = (logits.argmax(-1).cpu() == test.labels).float().mean().item() * 100
+        record.update(status="ok", top1=top1, train_seconds=t1 - t0, eval_seconds=t2 - t1)
+    except HarnessError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a crashing method is a failed run, not a crashed sweep
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}")
+    finally:
+        record["trainable_params"] = method.trainable_parameters()
+        record["peak_mem_mb"] = peak_memory_mb(device)
+        record["finished_at"] = datetime.now(timezone.utc).replace(tzinfo=None)
+    return record
+
+
+def run_sweep(
+    grid: list[RunSpec],
+    *,
+    data_root: Path,
+    db: Path,
+    done: set[str],
+    weights_paths: dict[str, str | None],
+    device: str,
+    console: Console,
+) -> SweepResult:
+    result = SweepResult()
+    todo = [s for s in grid if s.config_hash not in done]
+    result.skipped = len(grid) - len(todo)
+    if result.skipped:
+        console.print(f"[dim]{result.skipped} of {len(grid)} runs already complete in {db}; skipping them (--force redoes them).[/dim]")
+    if not todo:
+        console.print("Nothing to do: every run of this grid is already stored.")
+        return result
+    datasets = load_datasets(sorted({s.dataset for s in todo}), data_root)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=console, transient=False,
+    )
+    backbone: Backbone | None = None
+    test_sets: dict[str, ImageSet] = {}
+    feature_cache: dict = {}
+    with progress:
+        overall = progress.add_task("runs", total=len(todo))
+        for i, spec in enumerate(todo, 1):
+            if backbone is None or backbone.name != spec.backbone:
+                progress.update(overall, description=f"loading {spec.backbone}")
+                backbone = load_backbone(spec.backbone, weights_paths.get(spec.backbone), device)
+                test_sets.clear()
+                feature_cache.clear()
+            splits = datasets[spec.dataset]
+            if spec.dataset not in test_sets:
+                test_sets.clear()
+                feature_cache.clear()
+                test_sets[spec.dataset] = ImageSet(splits.root, spec.dataset, splits.test, backbone.image_size)
+            progress.update(overall, description=f"run {i}/{len(todo)} {spec.label}")
+            inner = None
+
+            def start_steps(total: int, desc: str) -> Steps:
+                nonlocal inner
+                if inner is not None:
+                    progress.remove_task(inner)
+                inner = progress.add_task(f"  {desc}", total=total)
+                return Steps(lambda n, t=inner: progress.advance(t, n))
+
+            record = run_one(spec, backbone, splits, test_sets[spec.dataset], feature_cache, start_steps)
+            if inner is not None:
+                progress.remove_task(inner)
+            write_record(db, record)
+            if record["status"] == "ok":
+                result.ok += 1
+                progress.console.print(
+                    f"[green]ok[/green] {spec.label}: top-1 {record['top1']:.2f}%  "
+                    f"(train {record['train_seconds']:.1f} s, eval {record['eval_seconds']:.1f} s, "
+                    f"peak {record['peak_mem_mb']:.0f} MB, {record['trainable_params']:,} trainable)"
+                )
+            else:
+                result.failed += 1
+                first_line = record["error"].splitlines()[0]
+                result.failures.append(f"{spec.label}: {first_line}")
+                progress.console.print(f"[red]failed[/red] {spec.label}: {first_line}")
+            progress.advance(overall)
+    return result

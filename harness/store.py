@@ -1,0 +1,87 @@
+"""The DuckDB run store: one row per run key (config hash), each written in its own transaction.
+
+DuckDB allows one writing process per file, so the store opens the file only for the moment it
+reads or writes, and a lock held by another process becomes a clear error, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from harness.errors import HarnessError
+
+COLUMNS = {
+    "config_hash": "VARCHAR PRIMARY KEY",
+    "run_id": "VARCHAR",
+    "method": "VARCHAR",
+    "dataset": "VARCHAR",
+    "suite": "VARCHAR",
+    "backbone": "VARCHAR",
+    "weights": "VARCHAR",
+    "shots": "INTEGER",
+    "seed": "INTEGER",
+    "config": "JSON",
+    "status": "VARCHAR",
+    "top1": "DOUBLE",
+    "n_test": "INTEGER",
+    "trainable_params": "BIGINT",
+    "train_seconds": "DOUBLE",
+    "eval_seconds": "DOUBLE",
+    "peak_mem_mb": "DOUBLE",
+    "device": "VARCHAR",
+    "precision": "VARCHAR",
+    "harness_version": "VARCHAR",
+    "git_sha": "VARCHAR",
+    "started_at": "TIMESTAMP",
+    "finished_at": "TIMESTAMP",
+    "error": "VARCHAR",
+}
+
+
+@contextmanager
+def connect(path: Path, read_only: bool = False):
+    path = Path(path)
+    if read_only and not path.is_file():
+        raise HarnessError(f"No run database at {path}. Run `harness run ...` first, or pass --db PATH.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as exc:
+        raise HarnessError(
+            f"The run database {path} is locked or unreadable ({str(exc).splitlines()[0]}). Another harness process "
+            "is probably writing to it: wait for it to finish, or use another file with --db."
+        ) from None
+    try:
+        if not read_only:
+            columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
+            con.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns})")
+        yield con
+    finally:
+        con.close()
+
+
+def completed_hashes(path: Path) -> set[str]:
+    if not Path(path).is_file():
+        return set()
+    with connect(path) as con:
+        return {row[0] for row in con.execute("SELECT config_hash FROM runs WHERE status = 'ok'").fetchall()}
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Insert or replace the run with this config hash, atomically (one transaction)."""
+    row = {name: record.get(name) for name in COLUMNS}
+    row["config"] = json.dumps(row["config"], sort_keys=True)
+    names = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    with connect(path) as con:
+        con.execute(f"INSERT OR REPLACE INTO runs ({names}) VALUES ({marks})", list(row.values()))
+
+
+def runs_frame(path: Path) -> pd.DataFrame:
+    with connect(path) as con:
+        return con.execute("SELECT * FROM runs ORDER BY started_at").df()
