@@ -100,7 +100,7 @@ def _texture(name: str, rng: np.random.Generator) -> np.ndarray:
     return m
 
 
-def _image(generator: str, cls: str, rng: np.random.Generator) -> Image.Image:
+def draw_image(generator: str, cls: str, rng: np.random.Generator) -> Image.Image:
     bg = tuple(int(c) for c in rng.integers(60, 200, size=3))
     if generator == "textures":
         fg = tuple(int(c) for c in rng.integers(0, 256, size=3))
@@ -139,7 +139,7 @@ def generate(card: DatasetCard, root: Path) -> None:
                 rel = f"{cls}/{part}_{k:03d}.png"
                 path = tmp / card.image_dir / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _image(card.generator, cls, rng).save(path)
+                draw_image(card.generator, cls, rng).save(path)
                 split[part].append([rel, label, cls])
     (tmp / card.split_file).write_text(json.dumps(split))
     try:
