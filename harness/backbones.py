@@ -154,8 +154,8 @@ def load_backbone(name: str, weights: str | None = None, device: str | torch.dev
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            summary = str(exc).splitlines()[0]
-            raise HarnessError(f"Weights in {path} do not fit backbone '{name}': {summary}. Pick the matching -b/--backbone.") from None
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:])[:300]
+            raise HarnessError(f"Weights in {path} do not fit backbone '{name}' ({detail}). Pick the matching -b/--backbone.") from None
     model = model.to(device).eval().requires_grad_(False)
     size = model.visual.image_size
     return Backbone(name, model, size[0] if isinstance(size, tuple) else size, identity, torch.device(device))

@@ -53,7 +53,7 @@ def run(
     from harness.backbones import resolve_weights
     from harness.cards import suite_cards, suites
     from harness.grid import build_grid, parse_sets
-    from harness.runner import resolve_device, resolve_precision, run_sweep
+    from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
     from harness.store import completed_hashes
     from methods import REGISTRY
 
@@ -66,6 +66,7 @@ def run(
     backbones = _split(backbone) or [suites()[suite]["default_backbone"]]
     if weights and len(backbones) > 1:
         raise HarnessError("--weights applies to one backbone; run each backbone with its own --weights.")
+    datasets = load_datasets(names, paths.data_root(data_root))  # first: missing data is the likeliest problem
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     identities = {b: resolve_weights(b, weights)[1] for b in backbones}
@@ -78,16 +79,25 @@ def run(
         console.print(table)
         return
     done = set() if force else completed_hashes(db_path)
-    result = run_sweep(
-        grid,
-        data_root=paths.data_root(data_root),
-        db=db_path,
-        done=done,
-        weights_paths={b: weights for b in backbones},
-        device=dev,
-        console=console,
-    )
+    try:
+        result = run_sweep(
+            grid,
+            datasets=datasets,
+            db=db_path,
+            done=done,
+            weights_paths={b: weights for b in backbones},
+            device=dev,
+            console=console,
+        )
+    except KeyboardInterrupt:
+        raise HarnessError(
+            f"Interrupted. Every run that finished is stored in {db_path}; the run in progress was discarded. "
+            "Run the same command again to resume."
+        ) from None
     console.print(f"{result.ok} ok, {result.failed} failed, {result.skipped} skipped (already complete). Database: {db_path}")
+    from harness.published import load_published
+
+    load_published(db_path)  # published numbers queryable beside the runs (table `published`)
     if result.failed:
         console.print("[red]Failed runs:[/red]\n  " + "\n  ".join(result.failures))
         raise typer.Exit(1)
@@ -157,26 +167,58 @@ def data_manifest(
     print(manifest_for(splits, shots, seed).to_json())
 
 
-def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except HarnessError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        Console(stderr=True).print(
-            "[bold yellow]interrupted:[/bold yellow] every run that finished is stored; the run in progress was "
-            "discarded. Run the same command again to resume."
-        )
-        sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(2)
-    except Exception as exc:  # click usage errors
-        import click
+@app.command()
+def report(
+    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
+    out: Path = typer.Option(Path("reports"), help="Output folder for index.html and leaderboard.csv/.md/.tex."),
+):
+    """Render the leaderboard: a self-contained index.html plus leaderboard .csv, .md and .tex."""
+    from harness.report import render
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
+    written = render(paths.db_path(db), out)
+    for kind, path in written.items():
+        console.print(f"{kind:>4}  {path}")
+
+
+@app.command()
+def check(
+    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
+    baseline: Path = typer.Option(Path("results/baselines/demo.csv"), help="Baseline CSV to compare with."),
+    update: bool = typer.Option(False, "--update", help="Write the current numbers as the new baseline (on purpose only)."),
+    tolerance_floor: float = typer.Option(1.0, "--tolerance-floor", help="Smallest tolerance, in absolute top-1 points."),
+):
+    """Compare mean accuracy over seeds with a baseline; exit 1 on a regression beyond tolerance or a missing entry."""
+    from harness.regression import compare, current_numbers, print_report, read_baseline, write_baseline
+
+    if tolerance_floor < 0:
+        raise HarnessError(f"--tolerance-floor must be >= 0 points, got {tolerance_floor}.")
+    db_path = paths.db_path(db)
+    if update:
+        console.print(f"Wrote {write_baseline(db_path, baseline)} entries to {baseline} (mean top-1 over seeds). Commit it with the change that moved the numbers.")
+        return
+    result = compare(current_numbers(db_path), read_baseline(baseline), floor=tolerance_floor)
+    print_report(result, baseline, tolerance_floor, console)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; user errors become a message and exit code 2."""
+    err = Console(stderr=True)
+    try:
+        result = app(args=argv, standalone_mode=False)  # returns typer.Exit's code in this mode
+        return result if isinstance(result, int) else 0
+    except HarnessError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        return 2
+    except typer.TyperException as exc:  # usage errors: unknown option, missing value
+        exc.show()
+        return 2
+
+
+def main() -> None:
+    sys.exit(run_cli())

@@ -177,7 +177,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
 def run_sweep(
     grid: list[RunSpec],
     *,
-    data_root: Path,
+    datasets: dict[str, DatasetSplits],
     db: Path,
     done: set[str],
     weights_paths: dict[str, str | None],
@@ -192,7 +192,6 @@ def run_sweep(
     if not todo:
         console.print("Nothing to do: every run of this grid is already stored.")
         return result
-    datasets = load_datasets(sorted({s.dataset for s in todo}), data_root)
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
         TimeRemainingColumn(), console=console, transient=False,

@@ -1,0 +1,72 @@
+"""Published numbers (results/published/*.csv) as the DuckDB table `published`, beside our `runs`.
+
+The CSVs live in the repository's `results/published/` folder, installed as the data-only package
+`harness.published_data` (the same pattern as the dataset cards), so the report and the gap table
+work from a checkout and after a non-editable install alike. Backbone names are normalised to the
+harness spelling here and only here; the method display name (`coop` with n_ctx=4 is the paper's
+`coop_ctx4`) is derived from a run's config in `display_name`, which report and check share.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from harness.store import connect
+
+COLUMNS = ["source", "backbone", "method", "method_label", "shots", "dataset", "top1"]
+
+# (method, hyper-parameter, value) -> the name under which papers print that variant.
+VARIANTS = {("coop", "n_ctx", 4): "coop_ctx4"}
+
+
+def harness_backbone(name: str) -> str:
+    """'ViT-B/16' (papers, OpenAI) -> 'ViT-B-16' (harness, open_clip)."""
+    return str(name).strip().replace("/", "-")
+
+
+def display_name(method: str, config) -> str:
+    """The leaderboard name of a run: the method, or its paper variant name (coop + n_ctx=4 -> coop_ctx4)."""
+    if isinstance(config, str):
+        config = json.loads(config or "{}")
+    hparams = (config or {}).get("hparams") or {}
+    for (name, key, value), label in VARIANTS.items():
+        if method == name and hparams.get(key) == value:
+            return label
+    return method
+
+
+def published_dir():
+    """The checkout's `results/published/` when running from source, else the installed copy."""
+    checkout = Path(__file__).resolve().parent.parent / "results" / "published"
+    if checkout.is_dir() and any(checkout.glob("*.csv")):
+        return checkout
+    return resources.files("harness.published_data")
+
+
+def published_frame() -> pd.DataFrame:
+    """Every published CSV, concatenated, with harness backbone names."""
+    frames = []
+    for entry in sorted(published_dir().iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".csv"):
+            with entry.open("r", encoding="utf-8") as fh:
+                frames.append(pd.read_csv(fh)[COLUMNS])
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="float64" if c == "top1" else "object") for c in COLUMNS})
+    frame = pd.concat(frames, ignore_index=True)
+    frame["backbone"] = frame["backbone"].map(harness_backbone)
+    frame["shots"] = frame["shots"].astype(int)
+    return frame
+
+
+def load_published(db: Path) -> int:
+    """Replace the contents of table `published` with the shipped CSVs (idempotent); returns the row count."""
+    frame = published_frame()
+    with connect(db) as con:
+        con.register("published_df", frame)
+        con.execute("CREATE OR REPLACE TABLE published AS SELECT * FROM published_df")
+        con.unregister("published_df")
+    return len(frame)

@@ -1,0 +1,130 @@
+"""`harness check`: compare the stored numbers with a committed baseline, so CI stops a change that
+silently moves them.
+
+Compared per (method display name, dataset, backbone, shots): the mean top-1 over seeds. The
+tolerance of each entry, in absolute points, comes from the seed spread:
+
+    tolerance = max(floor, K * max(std_baseline, std_current)),  K = 2
+
+(std = sample standard deviation over seeds, 0 with one seed; floor defaults to 1.0 point). A drop
+larger than the tolerance is a regression; a rise larger than it an improvement (reported, not an
+error); a baseline entry without current numbers, or with fewer seeds, is missing. Exit 1 on any
+regression or missing entry. Entries that are new (not in the baseline) are listed, and only
+`--update` writes them in: the baseline changes on purpose, never as a side effect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import HarnessError
+from harness.report import load_runs, ok_runs, per_dataset
+
+KEY = ["method", "dataset", "backbone", "shots"]
+K_STD = 2.0
+DEFAULT_FLOOR = 1.0
+DEFAULT_BASELINE = Path("results/baselines/demo.csv")
+FORMULA = "tolerance = max(floor, {k:g} x max(std_baseline, std_current)) points, std over seeds; floor = {floor:g}"
+
+
+@dataclass
+class CheckResult:
+    table: pd.DataFrame  # one row per key with a status: ok | regression | improvement | missing | new
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.table["status"].isin(["regression", "missing"]).any())
+
+    def count(self, status: str) -> int:
+        return int((self.table["status"] == status).sum())
+
+
+def current_numbers(db: Path) -> pd.DataFrame:
+    runs, _ = load_runs(db, published=False)
+    ok, _ = ok_runs(runs)
+    if ok.empty:
+        raise HarnessError(f"The run database {db} holds no successful runs to check. Run `harness run ...` first.")
+    frame = per_dataset(ok)[KEY + ["mean", "std", "n_seeds"]]
+    return frame.sort_values(KEY).reset_index(drop=True)
+
+
+def write_baseline(db: Path, baseline: Path) -> int:
+    frame = current_numbers(db)
+    baseline.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(baseline, index=False, float_format="%.4f")
+    return len(frame)
+
+
+def read_baseline(baseline: Path) -> pd.DataFrame:
+    if not baseline.is_file():
+        raise HarnessError(
+            f"No baseline file at {baseline}. Create it on purpose with `harness check --update --baseline {baseline}` "
+            "after a sweep whose numbers you trust, or pass --baseline FILE."
+        )
+    frame = pd.read_csv(baseline)
+    missing = [c for c in KEY + ["mean"] if c not in frame.columns]
+    if missing:
+        raise HarnessError(f"The baseline {baseline} lacks column(s) {', '.join(missing)}; regenerate it with `harness check --update`.")
+    for col, default in (("std", 0.0), ("n_seeds", 1)):
+        frame[col] = frame[col].fillna(default) if col in frame.columns else default
+    return frame
+
+
+def compare(current: pd.DataFrame, baseline: pd.DataFrame, floor: float = DEFAULT_FLOOR, k: float = K_STD) -> CheckResult:
+    merged = baseline.merge(current, on=KEY, how="outer", suffixes=("_base", "_now"), indicator=True)
+    spread = merged[["std_base", "std_now"]].fillna(0.0).max(axis=1)
+    merged["tolerance"] = (k * spread).clip(lower=floor)
+    merged["delta"] = merged["mean_now"] - merged["mean_base"]
+    status = pd.Series("ok", index=merged.index)
+    status[merged["delta"] < -merged["tolerance"]] = "regression"
+    status[merged["delta"] > merged["tolerance"]] = "improvement"
+    status[(merged["_merge"] == "both") & (merged["n_seeds_now"] < merged["n_seeds_base"])] = "missing"
+    status[merged["_merge"] == "left_only"] = "missing"
+    status[merged["_merge"] == "right_only"] = "new"
+    merged["status"] = status
+    return CheckResult(merged.drop(columns="_merge").sort_values(KEY).reset_index(drop=True))
+
+
+def describe(row) -> str:
+    """One line naming method, dataset, shots, backbone and the size of the change."""
+    where = f"{row['method']} on {row['dataset']}, {int(row['shots'])} shots ({row['backbone']})"
+    if row["status"] == "regression":
+        return f"{where}: dropped {-row['delta']:.2f} points ({row['mean_base']:.2f} -> {row['mean_now']:.2f}), tolerance {row['tolerance']:.2f}"
+    if row["status"] == "improvement":
+        return f"{where}: rose {row['delta']:.2f} points ({row['mean_base']:.2f} -> {row['mean_now']:.2f}), tolerance {row['tolerance']:.2f}"
+    if row["status"] == "missing":
+        if pd.isna(row["mean_now"]):
+            return f"{where}: in the baseline ({row['mean_base']:.2f}) but not in the database"
+        return f"{where}: only {int(row['n_seeds_now'])} of {int(row['n_seeds_base'])} seeds in the database"
+    if row["status"] == "new":
+        return f"{where}: {row['mean_now']:.2f}, not in the baseline"
+    return f"{where}: {row['mean_now']:.2f} (baseline {row['mean_base']:.2f})"
+
+
+def print_report(result: CheckResult, baseline: Path, floor: float, console: Console) -> None:
+    colour = {"regression": "red", "missing": "red", "improvement": "green", "new": "cyan"}
+    shown = result.table[result.table["status"] != "ok"]
+    if len(shown):
+        table = Table("status", "method", "dataset", "backbone", "shots", "baseline", "now", "change", "tolerance", title=f"harness check vs {baseline}")
+        for _, r in shown.iterrows():
+            fmt = lambda v: "–" if pd.isna(v) else f"{v:.2f}"  # noqa: E731
+            change = "–" if pd.isna(r["delta"]) else f"{r['delta']:+.2f}"
+            table.add_row(f"[{colour[r['status']]}]{r['status']}[/]", r["method"], r["dataset"], r["backbone"], str(int(r["shots"])),
+                          fmt(r["mean_base"]), fmt(r["mean_now"]), change, fmt(r["tolerance"]))
+        console.print(table)
+    console.print(f"[dim]{FORMULA.format(k=K_STD, floor=floor)}[/dim]")
+    for _, r in shown[shown["status"].isin(["regression", "missing"])].iterrows():
+        console.print(f"[bold red]{r['status'].upper()}[/bold red] {describe(r)}", highlight=False)
+    counts = ", ".join(f"{result.count(s)} {s}" for s in ("ok", "regression", "improvement", "missing", "new"))
+    console.print(counts)
+    if result.failed:
+        console.print("[red]check failed.[/red] If the change is intended, update the baseline in the same change: `harness check --update`.")
+    elif result.count("new") or result.count("improvement"):
+        console.print("check passed. New or improved entries are not in the baseline until you run `harness check --update`.")
+    else:
+        console.print("[green]check passed.[/green]")

@@ -1,0 +1,134 @@
+"""CLIP-LoRA: Zanella & Ben Ayed, "Low-Rank Few-Shot Adaptation of Vision-Language Models",
+CVPR Workshops 2024 (arXiv 2405.18541; official code MaxZanella/CLIP-LoRA, `lora.py`, `loralib/`).
+
+Recipe (the defaults below): LoRA on q, k, v of every attention block of both encoders, r = 2,
+alpha = 1, scaling alpha / sqrt(r), dropout 0.25 on the branch input; AdamW lr 2e-4, wd 1e-2,
+betas (0.9, 0.999); cosine from 2e-4 to 1e-6 over 500 * K steps, stepped every step, no warm-up;
+batch 32 drawn from shuffled passes over the few-shot set (last partial batch kept, as the
+official DataLoader's drop_last=False); RandomResizedCrop(scale 0.08-1, bicubic) + flip; prompt
+"a photo of a {}." for every dataset, all class prompts re-encoded through the adapted text
+encoder every step; cross-entropy on 100 * cos(image, text); the last step is evaluated.
+
+Deviations (named, and recorded in each run's config through the precision field / hparams):
+- precision: bf16 autocast on CUDA (official: fp16 autocast + GradScaler), fp32 on CPU;
+- LoRA computed factored, (x A^T) B^T, instead of materialising B @ A at every forward (same
+  function; see methods/lora.py), and merged into the weights for evaluation;
+- augmentation runs on uint8 tensors on the device (torchvision v2, antialiased bicubic) instead of
+  PIL in a DataLoader; the text tower runs on the prompt tokens only (identical features);
+- `steps_per_shot` may be scaled down by a suite override (the demo suite does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from harness.backbones import encode_text
+from harness.data.images import normalize, random_resized_crops
+from methods.base import ImageSet, Method, Task, check_finite, register
+from methods.lora import adapted_copy, lora_factory, merge_adapters
+
+ENCODERS = {"both": ("vision", "text"), "vision": ("vision",), "text": ("text",)}
+
+
+def parse_params(value) -> tuple[str, ...]:
+    """'q,k,v' | 'qkv' | ['q', 'k', 'v'] -> ('q', 'k', 'v')."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",")] if "," in value else list(value.strip())
+    return tuple(v for v in value if v)
+
+
+def shuffled_batches(n: int, batch_size: int):
+    """Index batches from successive shuffled passes; the last batch of a pass may be short."""
+    while True:
+        order = torch.randperm(n)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+
+
+@register
+class CLIPLoRA(Method):
+    name = "clip_lora"
+    paper = "Zanella & Ben Ayed, Low-Rank Few-Shot Adaptation of Vision-Language Models, CVPRW 2024 (arXiv 2405.18541)"
+    deviations = (
+        "bf16 autocast on CUDA instead of fp16 + GradScaler (fp32 on CPU); LoRA factored (x A^T) B^T in training "
+        "and merged for evaluation instead of B@A at every forward; augmentation on the device on uint8 tensors; "
+        "text tower on the prompt tokens only (same features); suite overrides may lower steps_per_shot"
+    )
+    defaults = {
+        "r": 2,
+        "alpha": 1.0,
+        "dropout": 0.25,
+        "encoders": "both",  # both | vision | text
+        "params": "q,k,v",  # any of q, k, v, o
+        "lr": 2e-4,
+        "min_lr": 1e-6,
+        "weight_decay": 1e-2,
+        "betas": [0.9, 0.999],
+        "batch_size": 32,
+        "steps_per_shot": 500,  # total optimizer steps = steps_per_shot * K
+        "crop_scale": [0.08, 1.0],
+        "template": "a photo of a {}.",  # the same prompt for every dataset
+        "logit_scale": 100.0,
+    }
+
+    def make_adapter_factory(self):
+        hp = self.hp
+        return lora_factory(int(hp["r"]), float(hp["alpha"]), float(hp["dropout"]))
+
+    def fit(self, task: Task) -> None:
+        hp = self.hp
+        if hp["encoders"] not in ENCODERS:
+            raise ValueError(f"encoders must be one of {', '.join(ENCODERS)}, not '{hp['encoders']}'.")
+        encoders = ENCODERS[hp["encoders"]]
+        # A copy: task.backbone.model is shared by every run of the sweep and must stay untouched.
+        self.model, params = adapted_copy(task.backbone.model, self.make_adapter_factory(), encoders, parse_params(hp["params"]))
+        self.n_trainable = sum(p.numel() for p in params)
+        self.tokens = task.backbone.tokenize([hp["template"].format(c) for c in task.classnames])
+        scale = float(hp["logit_scale"])
+
+        images = [im.to(task.device) for im in task.train.originals()]  # decoded once, kept on the device
+        labels = task.train.labels.to(task.device)
+        total = int(hp["steps_per_shot"]) * task.shots
+        optimizer = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]), betas=tuple(hp["betas"]))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=float(hp["min_lr"]))
+
+        text_frozen = None
+        if "text" not in encoders:  # text tower untouched: its features are constant
+            with torch.no_grad(), task.autocast():
+                text_frozen = F.normalize(encode_text(self.model, self.tokens).float(), dim=-1)
+
+        self.model.train()  # activates the adapters' dropout (CLIP itself has none)
+        steps = task.start_steps(total, f"{self.name} steps")
+        batches = shuffled_batches(len(images), int(hp["batch_size"]))
+        for step in range(total):
+            idx = next(batches)
+            pixels = random_resized_crops([images[i] for i in idx.tolist()], task.backbone.image_size, tuple(hp["crop_scale"]))
+            with task.autocast():
+                if text_frozen is None:
+                    text = F.normalize(encode_text(self.model, self.tokens).float(), dim=-1)
+                else:
+                    text = text_frozen
+                with torch.set_grad_enabled("vision" in encoders):
+                    image = F.normalize(self.model.encode_image(normalize(pixels, task.device)).float(), dim=-1)
+            loss = F.cross_entropy(scale * image @ text.T, labels[idx.to(labels.device)])
+            check_finite(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            steps.advance()
+        self.model.eval()
+        merge_adapters(self.model)  # the last step is evaluated, with no adapter overhead
+
+    @torch.no_grad()
+    def predict(self, task: Task, images: ImageSet) -> torch.Tensor:
+        merge_adapters(self.model)
+        self.model.eval()
+        with task.autocast():
+            text = F.normalize(encode_text(self.model, self.tokens).float(), dim=-1)
+        feats = F.normalize(task.encode_images(self.model, images.eval_pixels()), dim=-1)
+        return float(self.hp["logit_scale"]) * feats @ text.T
+
+    def trainable_parameters(self) -> int:
+        return getattr(self, "n_trainable", 0)

@@ -1,0 +1,152 @@
+"""CoOp: Zhou, Yang, Loy, Liu, "Learning to Prompt for Vision-Language Models", IJCV 2022.
+
+Follows the official KaiyangZhou/CoOp + Dassl.pytorch code (config `rn50_epXX` with
+`vit_b16`, class token at the end, shared context, random init):
+
+- prompt `[SOS][V1..Vn][class name tokens][.][EOS]`, n = `n_ctx` (16; `n_ctx=4` gives CoOp (4)),
+  context vectors shared by all classes, drawn from N(0, 0.02^2);
+- the fixed parts (SOS, class name, full stop, EOS) are the token embeddings of the placeholder
+  prompt "X X ... X {classname}."; the EOT position pooled by CLIP is the argmax of its token ids;
+- text encoder: CLIP's own with the token-embedding lookup replaced by these embeddings;
+- logits = CLIP's logit scale (100 for OpenAI weights) * cos(image, text); cross-entropy;
+- SGD lr 0.002, momentum 0.9, weight decay 5e-4, batch 32 (last incomplete batch dropped when
+  the set holds at least one batch), epochs by shots (50 / 100 / 100 / 200 / 200; ImageNet's card
+  sets 50); per-epoch LR: epoch 1 constant 1e-5, then cosine (`coop_lr`);
+- train augmentation RandomResizedCrop(scale 0.08-1, bicubic) + horizontal flip;
+- the last epoch is evaluated; the val split is not used.
+
+Deviations: precision is fp32 on CPU and bf16 autocast (fp32 parameters) on CUDA, where the
+official code runs CLIP and the context vectors in pure fp16. The image encoder is frozen and gets
+no gradient, so train crops are encoded under no_grad and test images through the cached frozen
+features (identical results, less work). The text encoder runs on the tokens up to the longest
+prompt's EOT (exact under the causal mask). `epoch_scale` < 1 shrinks the epoch budget (demo suite
+only; recorded in the run's config).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from harness.backbones import encode_token_embeddings
+from harness.data.images import normalize, random_resized_crops
+from methods.base import ImageSet, Method, Task, check_finite, register
+
+
+def coop_lr(epoch: int, max_epoch: int, lr: float = 0.002, warmup_lr: float = 1e-5, warmup_epochs: int = 1) -> float:
+    """Learning rate of 1-based `epoch`: Dassl's ConstantWarmupScheduler around CosineAnnealingLR.
+
+    The warm-up epochs count toward `max_epoch`; the cosine restarts from `lr` right after them,
+    so epoch e > warmup gets lr/2 * (1 + cos(pi * (e - warmup - 1) / max_epoch)) (with the defaults:
+    0.001 * (1 + cos(pi * (e - 2) / max_epoch))); it never reaches 0 within the run.
+    """
+    if epoch <= warmup_epochs:
+        return warmup_lr
+    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - warmup_epochs - 1) / max_epoch))
+
+
+def epochs_for_shots(shots: int) -> int:
+    """CoOp's configs: rn50_ep50 for 1 shot, rn50_ep100 for 2 and 4, rn50 (200 epochs) for 8 and 16."""
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+
+class PromptLearner:
+    """Learnable shared context between the fixed SOS token and the '{classname}.' suffix."""
+
+    def __init__(self, task: Task, n_ctx: int, init_std: float):
+        model = task.backbone.model
+        placeholder = " ".join(["X"] * n_ctx)
+        tokens = task.backbone.tokenize([f"{placeholder} {name}." for name in task.classnames])
+        self.eot_index = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
+        tokens = tokens[:, : int(self.eot_index.max()) + 1]  # causal mask: later tokens never matter
+        with torch.no_grad():
+            embedding = model.token_embedding(tokens).float()
+        self.tokens = tokens
+        self.prefix = embedding[:, :1]  # SOS
+        self.suffix = embedding[:, 1 + n_ctx :]  # class name, '.', EOS (and padding up to the longest)
+        width = embedding.shape[-1]
+        self.ctx = torch.empty(n_ctx, width, device=task.device).normal_(std=init_std).requires_grad_(True)
+
+    def embeddings(self) -> torch.Tensor:
+        ctx = self.ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
+        return torch.cat([self.prefix, ctx, self.suffix], dim=1)
+
+    def text_features(self, task: Task) -> torch.Tensor:
+        """L2-normalised class text features through the learned prompts (with gradients)."""
+        with task.autocast():
+            feats = encode_token_embeddings(task.backbone.model, self.embeddings(), self.eot_index)
+        return F.normalize(feats.float(), dim=-1)
+
+
+@register
+class CoOp(Method):
+    name = "coop"
+    paper = "Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022"
+    deviations = (
+        "precision fp32 (CPU) / bf16 autocast (CUDA) instead of pure fp16; frozen image encoder run "
+        "without autograd; text encoder truncated to the longest prompt (exact); epoch_scale < 1 only in the demo"
+    )
+    defaults = {
+        "n_ctx": 16,
+        "init_std": 0.02,
+        "epochs": None,  # None: by shots (50 / 100 / 100 / 200 / 200); ImageNet's card sets 50
+        "epoch_scale": 1.0,
+        "lr": 0.002,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "warmup_epochs": 1,
+        "warmup_lr": 1e-5,
+        "batch_size": 32,
+        "crop_scale": [0.08, 1.0],
+    }
+
+    def fit(self, task: Task) -> None:
+        hp = self.hp
+        model = task.backbone.model
+        self.prompts = PromptLearner(task, hp["n_ctx"], hp["init_std"])
+        self.logit_scale = float(model.logit_scale.exp())
+        epochs = hp["epochs"] or epochs_for_shots(task.shots)
+        self.epochs = max(1, round(epochs * hp["epoch_scale"]))
+
+        images = [img.to(task.device) for img in task.train.originals()]
+        labels = task.train.labels.to(task.device)
+        n, bs = len(images), hp["batch_size"]
+        drop_last = n >= bs  # Dassl: drop_last only when the set fills at least one batch
+        batches = n // bs if drop_last else math.ceil(n / bs)
+        optimizer = torch.optim.SGD(
+            [self.prompts.ctx], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
+        )
+        self.epoch_lrs: list[float] = []
+        steps = task.start_steps(self.epochs, "coop epochs")
+        step = 0
+        for epoch in range(1, self.epochs + 1):
+            lr = coop_lr(epoch, self.epochs, hp["lr"], hp["warmup_lr"], hp["warmup_epochs"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            self.epoch_lrs.append(lr)
+            order = torch.randperm(n).tolist()
+            for b in range(batches):
+                idx = order[b * bs : (b + 1) * bs]
+                with torch.no_grad():
+                    crops = random_resized_crops([images[i] for i in idx], task.backbone.image_size, tuple(hp["crop_scale"]))
+                    with task.autocast():
+                        feats = model.encode_image(normalize(crops, task.device))
+                    feats = F.normalize(feats.float(), dim=-1)
+                logits = self.logit_scale * feats @ self.prompts.text_features(task).T
+                loss = F.cross_entropy(logits, labels[idx])
+                check_finite(loss, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+            steps.advance()
+        with torch.no_grad():
+            self.text_weights = self.prompts.text_features(task)
+
+    def predict(self, task: Task, images: ImageSet) -> torch.Tensor:
+        return self.logit_scale * task.frozen_features(images) @ self.text_weights.T
+
+    def trainable_parameters(self) -> int:
+        return self.prompts.ctx.numel() if hasattr(self, "prompts") else 0

@@ -1,0 +1,131 @@
+"""The data protocol: CoOp readers, Dassl few-shot sampling, manifests, dataset checks, demo suite."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from coop_layout import make_fgvc, make_imagenet, make_split_json
+from harness.cards import all_cards, get_card, suite_cards
+from harness.data.check import check_dataset
+from harness.data.fewshot import sample_fewshot
+from harness.data.images import eval_view, load_rgb
+from harness.data.readers import read_dataset
+from harness.errors import DataError
+
+
+def test_cards_cover_the_eleven_datasets_and_the_demo_suite():
+    standard = {c.name for c in suite_cards("standard")}
+    assert standard == {
+        "imagenet", "sun397", "fgvc_aircraft", "eurosat", "stanford_cars", "food101",
+        "oxford_pets", "oxford_flowers", "caltech101", "dtd", "ucf101",
+    }
+    assert len(suite_cards("demo")) >= 3
+    assert get_card("dtd").template == "{} texture."
+    assert get_card("fgvc_aircraft").tip_adapter == {"search_scale": [30, 30], "init_alpha": 5, "init_beta": 1}
+    assert len(get_card("imagenet").templates) == 7
+    assert sum(c.test_size for c in suite_cards("standard")) == 50000 + 19850 + 3333 + 8100 + 8041 + 30300 + 3669 + 2463 + 2465 + 1692 + 3783
+
+
+def test_split_json_reader(tmp_path):
+    make_split_json(tmp_path)
+    splits = read_dataset(get_card("eurosat"), tmp_path)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (18, 9, 15)
+    assert splits.classnames == ["annual crop", "forest", "river"]
+    assert splits.train[0].path == "2750/annualcrop/train_0.jpg"
+    assert (splits.root / splits.train[0].path).is_file()
+
+
+def test_fgvc_reader_labels_from_variants(tmp_path):
+    make_fgvc(tmp_path)
+    splits = read_dataset(get_card("fgvc_aircraft"), tmp_path)
+    assert splits.classnames == ["707-320", "A300B4", "Cessna 172"]
+    assert [it.label for it in splits.test if it.classname == "Cessna 172"] == [2] * 4
+    assert all((splits.root / it.path).is_file() for it in splits.train)
+
+
+def test_imagenet_reader_uses_val_as_test(tmp_path):
+    make_imagenet(tmp_path)
+    splits = read_dataset(get_card("imagenet"), tmp_path)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 0, 12)
+    assert splits.classnames == ["tench", "goldfish", "great white shark"]
+
+
+def test_fewshot_follows_dassl_sampling(tmp_path):
+    make_split_json(tmp_path, per_split=(10, 6, 2))
+    splits = read_dataset(get_card("eurosat"), tmp_path)
+    m = sample_fewshot(splits, shots=4, seed=1)
+    # Reference: seed, then random.sample per label in order of first appearance, train then val.
+    random.seed(1)
+    groups = {}
+    for it in splits.train:
+        groups.setdefault(it.label, []).append(it)
+    expected = [x for g in groups.values() for x in random.sample(g, 4)]
+    assert m.train == expected
+    assert [sum(i.label == c for i in m.val) for c in range(3)] == [4, 4, 4]
+    two = sample_fewshot(splits, shots=2, seed=1)
+    assert [sum(i.label == c for i in two.val) for c in range(3)] == [2, 2, 2]
+    assert sample_fewshot(splits, shots=4, seed=2).train != m.train
+    big = sample_fewshot(splits, shots=16, seed=1)  # fewer items than K: keep them all
+    assert len(big.train) == 30
+
+
+def test_imagenet_fewshot_draws_val_from_train(tmp_path):
+    make_imagenet(tmp_path)
+    splits = read_dataset(get_card("imagenet"), tmp_path)
+    m = sample_fewshot(splits, shots=2, seed=3)
+    assert [sum(i.label == c for i in m.train) for c in range(3)] == [2, 2, 2]
+    assert [sum(i.label == c for i in m.val) for c in range(3)] == [2, 2, 2]
+    assert not {i.path for i in m.train} & {i.path for i in m.val}
+
+
+def test_manifest_cli_is_identical_across_processes(tmp_path):
+    make_split_json(tmp_path, per_split=(10, 6, 2))
+    cmd = [sys.executable, "-m", "harness", "data", "manifest", "-d", "eurosat", "--shots", "4", "--seed", "2", "--data-root", str(tmp_path)]
+    outs = [subprocess.run(cmd, capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    assert outs[0] == outs[1]
+    manifest = json.loads(outs[0])
+    train, val = manifest["train"], manifest["val"]
+    assert [sum(r["label"] == c for r in train) for c in range(3)] == [4, 4, 4]
+    assert [sum(r["label"] == c for r in val) for c in range(3)] == [4, 4, 4]
+    assert not {r["path"] for r in train} & {r["path"] for r in val}
+    assert len(manifest["hash"]) == 64
+
+
+def test_data_check_reports_present_incomplete_missing(tmp_path):
+    make_split_json(tmp_path)
+    (tmp_path / "dtd").mkdir()
+    (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text("{not json")
+    results = {c.name: check_dataset(c, tmp_path) for c in suite_cards("standard")}
+    assert results["eurosat"].status == "incomplete"  # 3 classes / 15 test images against the card's 10 / 8100
+    assert "card expects 10" in results["eurosat"].detail and "card expects 8100" in results["eurosat"].detail
+    assert results["dtd"].status == "incomplete" and "unreadable" in results["dtd"].detail
+    assert results["imagenet"].status == "missing" and results["imagenet"].path == tmp_path / "imagenet"
+
+
+def test_demo_suite_is_coop_layout_and_complete(demo_root):
+    for card in suite_cards("demo"):
+        result = check_dataset(card, demo_root)
+        assert result.status == "present", result.detail
+        splits = read_dataset(card, demo_root)
+        assert len(splits.test) >= 200 and len(splits.classnames) == card.num_classes
+        assert (demo_root / card.folder / card.split_file).is_file()
+
+
+def test_eval_view_resizes_shorter_side_then_centre_crops(tmp_path):
+    from PIL import Image
+
+    img = Image.new("RGB", (100, 50), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 25, 50))  # white left quarter: cropped away by a centre crop
+    view = eval_view(img, 32)
+    assert view.shape == (3, 32, 32)
+    assert view[:, :, 0].float().mean() < 40  # a straight resize would keep the white band
+
+
+def test_corrupt_image_is_a_data_error(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="corrupt"):
+        load_rgb(bad)

@@ -1,0 +1,193 @@
+"""`harness report` renders what a reader needs: leaderboard, curves, gap table, marks, exports.
+
+The database here is a FIXTURE: hand-made records written through harness.store.write_record,
+shaped like real runs (numbers near the published ones plus seed noise). They test rendering and
+aggregation, not any method's accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.cli import run_cli
+from harness.published import display_name, harness_backbone, published_frame
+from harness.store import connect, write_record
+
+STANDARD = ["imagenet", "dtd", "eurosat"]
+DEMO = ["demo_shapes", "demo_colours"]
+T0 = datetime(2024, 6, 1, 12, 0)
+
+
+def _record(method, dataset, backbone, shots, seed, top1, *, suite="standard", hparams=None, status="ok", error=None, params=0, n=0):
+    config = {"method": method, "hparams": hparams or {}, "dataset": dataset, "suite": suite, "shots": shots, "seed": seed,
+              "backbone": backbone, "precision": "bf16" if suite == "standard" else "fp32",
+              "suite_overrides": {"epochs": 2} if suite == "demo" and method != "zero_shot" else {}}
+    key = json.dumps(config, sort_keys=True)
+    return {
+        "config_hash": f"fx{abs(hash(key)) % 10**14:014d}", "run_id": f"fixture-{n}", "method": method, "dataset": dataset,
+        "suite": suite, "backbone": backbone, "weights": "fixture-weights", "shots": shots, "seed": seed, "config": config,
+        "status": status, "top1": top1 if status == "ok" else None, "n_test": 1000, "trainable_params": params,
+        "train_seconds": 0.0 if shots == 0 else 3.0 * shots, "eval_seconds": 1.5, "peak_mem_mb": 900.0 + params / 1e4,
+        "device": "cuda:NVIDIA H100" if suite == "standard" else "cpu", "precision": config["precision"],
+        "harness_version": "0.1.0", "git_sha": "0123456789abcdef0123", "started_at": T0 + timedelta(minutes=n),
+        "finished_at": T0 + timedelta(minutes=n, seconds=30), "error": error,
+    }
+
+
+def build_fixture_db(db: Path) -> None:
+    """FIXTURE runs: ViT-B-16 on three standard datasets (published numbers exist) and the tiny demo grid."""
+    pub = published_frame()
+    pub = pub[pub.backbone == "ViT-B-16"].set_index(["method", "dataset", "shots"])["top1"]
+    methods = {"coop": ({"n_ctx": 4}, 2048, "coop_ctx4"), "tip_adapter_f": ({}, 16 * 512, "tip_adapter_f"),
+               "clip_lora": ({"rank": 2}, 184_320, "clip_lora"), "block_lora": ({"rank": 2, "blocks": 4}, 46_080, "clip_lora")}
+    n = 0
+    for dataset in STANDARD:
+        for seed in (1, 2, 3):
+            n += 1
+            write_record(db, _record("zero_shot", dataset, "ViT-B-16", 0, seed, pub[("zero_shot", dataset, 0)], n=n))
+        for method, (hp, params, like) in methods.items():
+            for shots in (1, 2, 4, 8, 16):
+                for seed in (1, 2, 3):
+                    n += 1
+                    if method == "clip_lora" and dataset == "dtd" and shots == 16 and seed == 3:
+                        continue  # a seed that never ran: the cell must be marked
+                    top1 = pub[(like, dataset, shots)] + 0.4 * (seed - 2) + (0.3 if method == "block_lora" else -0.6)
+                    if method == "block_lora" and dataset == "eurosat" and shots == 2 and seed == 2:
+                        write_record(db, _record(method, dataset, "ViT-B-16", shots, seed, None, hparams=hp, status="failed",
+                                                 error="DivergedError: loss became nan at step 17", params=params, n=n))
+                        continue
+                    write_record(db, _record(method, dataset, "ViT-B-16", shots, seed, top1, hparams=hp, params=params, n=n))
+    for dataset in DEMO:
+        for seed in (1, 2):
+            n += 1
+            write_record(db, _record("zero_shot", dataset, "tiny", 0, seed, 41.0 + len(dataset), suite="demo", n=n))
+        for method, base in (("clip_lora", 55.0), ("tip_adapter", 50.0)):
+            for shots in (1, 2, 4):
+                for seed in (1, 2):
+                    n += 1
+                    if method == "tip_adapter" and shots == 4 and dataset == "demo_colours":
+                        continue  # a dataset missing from the average: marked
+                    write_record(db, _record(method, dataset, "tiny", shots, seed, base + 4 * shots ** 0.5 + seed,
+                                             suite="demo", params=1000 if method == "clip_lora" else 0, n=n))
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    db, out = root / "fixture.duckdb", root / "reports"
+    build_fixture_db(db)
+    assert run_cli(["report", "--db", str(db), "--out", str(out)]) == 0
+    return db, out
+
+
+def test_names_are_normalised_in_one_place():
+    assert harness_backbone("ViT-B/16") == "ViT-B-16"
+    assert display_name("coop", {"hparams": {"n_ctx": 4}}) == "coop_ctx4"
+    assert display_name("coop", json.dumps({"hparams": {"n_ctx": 16}})) == "coop"
+    assert display_name("clip_lora", {}) == "clip_lora"
+
+
+def test_published_table_is_loaded_idempotently(rendered):
+    db, _ = rendered
+    assert run_cli(["report", "--db", str(db), "--out", str(db.parent / "again")]) == 0
+    with connect(db, read_only=True) as con:
+        n, sources, backbones = con.execute("SELECT count(*), count(DISTINCT source), list(DISTINCT backbone ORDER BY backbone) FROM published").fetchone()
+    assert n == len(pd.read_csv(Path(__file__).parent.parent / "results/published/published_clip_lora_2405.18541.csv"))
+    assert sources == 1 and backbones == ["ViT-B-16", "ViT-B-32", "ViT-L-14"]
+
+
+def test_report_files_and_content(rendered):
+    _, out = rendered
+    html = (out / "index.html").read_text()
+    for name in ("index.html", "leaderboard.csv", "leaderboard.md", "leaderboard.tex"):
+        assert (out / name).stat().st_size > 0
+    assert 'class="board"' in html and "Leaderboard: average over datasets" in html
+    assert html.count("<svg") >= 4  # curves and efficiency for two backbones
+    assert "coop_ctx4" in html and '<td class="name">coop</td>' not in html
+    assert "0-shot reference" in html
+    assert "Reproduction gap" in html and "CLIP-LoRA paper (arXiv 2405.18541v2)" in html
+    assert "DivergedError: loss became nan at step 17" in html  # failed run listed
+    assert "2/3 seeds" in html  # clip_lora dtd 16-shot and the failed block_lora run
+    assert "1/2 datasets (missing: demo_colours)" in html
+    assert "Low-Rank Few-Shot Adaptation" in html or "Radford" in html  # method notes from the registry
+    assert "epochs" in html  # demo suite overrides
+    assert "0123456789ab" in html and "cuda:NVIDIA H100" in html and "bf16" in html
+    # Self-contained: nothing is fetched from elsewhere (xmlns URIs are names, not loads).
+    assert not re.search(r'(src|href)\s*=\s*"(https?:)?//', html)
+    assert "url(http" not in html and "@import" not in html
+
+
+def test_leaderboard_marks_and_never_ranks_incomplete_cells(rendered):
+    _, out = rendered
+    board = pd.read_csv(out / "leaderboard.csv")
+    cell = board[(board.backbone == "ViT-B-16") & (board.method == "clip_lora") & (board.shots == 16)].iloc[0]
+    assert cell.n_seeds == 2 and cell.expected_seeds == 3 and cell.flag == "\u2020" and pd.isna(cell["rank"])
+    cell = board[(board.backbone == "tiny") & (board.method == "tip_adapter") & (board.shots == 4)].iloc[0]
+    assert cell.n_datasets == 1 and cell.missing_datasets == "demo_colours" and cell.flag == "\u2021" and pd.isna(cell["rank"])
+    full = board[(board.backbone == "ViT-B-16") & (board.method == "coop_ctx4") & (board.shots == 4)].iloc[0]
+    assert full.n_datasets == 3 and full.n_seeds == 3 and not isinstance(full.flag, str)
+    assert board[(board.shots == 0)]["rank"].isna().all()  # zero-shot is a reference, not ranked
+    md = (out / "leaderboard.md").read_text()
+    assert "## ViT-B-16 (standard suite)" in md and "coop_ctx4" in md and "\u2020" in md
+
+
+def test_gap_table_matches_published(rendered):
+    from harness.report import aggregate, gap_table, load_runs
+
+    db, _ = rendered
+    gaps = gap_table(aggregate(*load_runs(db)))
+    row = gaps[(gaps.method == "coop_ctx4") & (gaps.dataset == "dtd") & (gaps.shots == 4)].iloc[0]
+    assert row.gap == pytest.approx(-0.6) and row.source.startswith("CLIP-LoRA paper")
+    assert "average" not in set(gaps.dataset)  # 3 of 11 datasets: no average compared with the paper's
+    assert "block_lora" not in set(gaps.method)  # no published numbers for it
+
+
+def test_latex_fragment(rendered, tmp_path):
+    _, out = rendered
+    tex = (out / "leaderboard.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\bfseries" in tex and r"\underline{" in tex
+    assert r"coop\_ctx4" in tex and "coop_ctx4" not in tex.replace(r"coop\_ctx4", "")
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed: the .tex fragment was checked textually but not compiled")
+    doc = tmp_path / "doc.tex"
+    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n\\input{" + str(out / "leaderboard.tex") + "}\n\\end{document}\n")
+    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_report_without_database_is_a_usage_error(tmp_path, capsys):
+    assert run_cli(["report", "--db", str(tmp_path / "none.duckdb"), "--out", str(tmp_path)]) == 2
+    assert "No run database" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI: apt-get install -y chromium); the browser check needs it")
+def test_report_in_headless_chromium(rendered, tmp_path):
+    """Open the page as a reader would: the DOM has the leaderboard and the plots, the console logs no error."""
+    _, out = rendered
+    url = (out / "index.html").resolve().as_uri()
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+    def browse(*extra: str) -> subprocess.CompletedProcess:
+        profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
+        return subprocess.run([*flags, f"--user-data-dir={profile}", *extra, url], capture_output=True, text=True, timeout=120)
+
+    dom = browse("--dump-dom", "--enable-logging=stderr", "--v=0")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'class="board"' in dom.stdout and dom.stdout.count("<svg") >= 4
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line or "Failed to load" in line]
+    assert not console, "\n".join(console)
+    shot = tmp_path / "report.png"
+    result = browse(f"--screenshot={shot}", "--window-size=1440,2400")
+    assert result.returncode == 0 and shot.stat().st_size > 10_000, result.stderr[-2000:]
