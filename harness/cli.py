@@ -47,14 +47,27 @@ def run(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."),
     force: bool = typer.Option(False, "--force", help="Redo runs that are already complete."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid (and the jobs, with --executor) and exit."),
+    executor: str = typer.Option("serial", help="serial (this process), local (N worker processes, one per GPU) or slurm."),
+    jobs: int = typer.Option(1, "--jobs", help="Number of worker jobs for --executor local/slurm."),
+    records: Optional[Path] = typer.Option(None, help="Folder for workers' run records [default: records/ beside the database]; shared storage on a cluster."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the jobs and ingest their records (slurm: --no-wait returns after submitting)."),
+    partition: Optional[str] = typer.Option(None, help="SLURM partition."),
+    gpus_per_job: int = typer.Option(1, help="SLURM: GPUs per job."),
+    cpus_per_job: int = typer.Option(8, help="SLURM: CPUs per job."),
+    mem_gb: int = typer.Option(64, help="SLURM: memory per job (GB)."),
+    time_min: int = typer.Option(720, help="Time limit per job in minutes (jobs are requeued on timeout/preemption)."),
+    array_parallelism: int = typer.Option(64, help="SLURM: array jobs running at once."),
+    account: Optional[str] = typer.Option(None, help="SLURM account."),
+    qos: Optional[str] = typer.Option(None, help="SLURM QoS."),
 ):
     """Run methods over datasets, shots and seeds; store every run in DuckDB."""
     from harness.backbones import resolve_weights
     from harness.cards import suite_cards, suites
     from harness.grid import build_grid, parse_sets
     from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
-    from harness.store import completed_hashes
+    from harness.records import default_records_dir, ingest
+    from harness.store import completed_hashes, write_record
     from methods import REGISTRY
 
     methods = list(REGISTRY) if all_methods else _split(method)
@@ -72,19 +85,30 @@ def run(
     identities = {b: resolve_weights(b, weights)[1] for b in backbones}
     grid = build_grid(methods, names, suite, _ints(shots, "--shots"), _ints(seeds, "--seeds"), identities, prec, parse_sets(set_ or []))
     db_path = paths.db_path(db)
-    if dry_run:
+    records_dir = records or default_records_dir(db_path)
+    if executor not in ("serial", "local", "slurm"):
+        raise HarnessError(f"--executor must be serial, local or slurm, not '{executor}'.")
+    if dry_run and executor == "serial":
         table = Table("#", "method", "dataset", "backbone", "shots", "seed", "config hash", title=f"{len(grid)} runs")
         for i, spec in enumerate(grid, 1):
             table.add_row(str(i), spec.method, spec.dataset, spec.backbone, str(spec.shots), str(spec.seed), spec.config_hash)
         console.print(table)
         return
+    if not dry_run:
+        ingest(records_dir, db_path)  # runs that workers finished earlier count as complete
     done = set() if force else completed_hashes(db_path)
+    if executor != "serial":
+        from harness.distributed import ClusterOptions
+
+        opts = ClusterOptions(partition, gpus_per_job, cpus_per_job, mem_gb, time_min, array_parallelism, account, qos)
+        _run_distributed(grid, done, executor, jobs, opts, records_dir, db_path, paths.data_root(data_root), {b: weights for b in backbones}, dev, dry_run, wait)
+        return
     try:
         result = run_sweep(
             grid,
             datasets=datasets,
-            db=db_path,
             done=done,
+            store=lambda record: write_record(db_path, record),
             weights_paths={b: weights for b in backbones},
             device=dev,
             console=console,
@@ -101,6 +125,98 @@ def run(
     if result.failed:
         console.print("[red]Failed runs:[/red]\n  " + "\n  ".join(result.failures))
         raise typer.Exit(1)
+
+
+def _run_distributed(grid, done, executor, jobs, opts, records_dir, db_path, data_root, weights_paths, device, dry_run, wait):
+    from datetime import datetime, timezone
+
+    from harness.distributed import shard, submit, wait as wait_for, write_plan
+    from harness.records import ingest, read_records
+    from harness.published import load_published
+
+    todo = [s for s in grid if s.config_hash not in done]
+    if len(todo) < len(grid):
+        console.print(f"[dim]{len(grid) - len(todo)} of {len(grid)} runs already complete; skipping them (--force redoes them).[/dim]")
+    if not todo:
+        console.print("Nothing to do: every run of this grid is already stored.")
+        return
+    shards = shard(todo, max(1, jobs))
+    table = Table("job", "runs", "backbone / dataset groups", title=f"{len(todo)} runs in {len(shards)} {executor} jobs")
+    for i, specs in enumerate(shards):
+        groups = dict.fromkeys(f"{s.backbone}/{s.dataset}" for s in specs)
+        table.add_row(str(i), str(len(specs)), ", ".join(groups))
+    console.print(table)
+    if dry_run:
+        console.print(f"Job parameters: {opts}. Records would go to {records_dir}. Nothing submitted (--dry-run).")
+        return
+    records_dir.mkdir(parents=True, exist_ok=True)
+    write_plan(records_dir, todo, shards)
+    since = datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
+    submitted = submit(shards, executor, records=records_dir, data_root=data_root, weights_paths=weights_paths, device=device, opts=opts)
+    console.print(f"Submitted {len(submitted)} jobs ({', '.join(j.job_id for j in submitted)}); records go to {records_dir}.")
+    if executor == "slurm" and not wait:
+        console.print("Follow them with `harness status`; collect the records with `harness ingest` (report and check also ingest).")
+        return
+    try:
+        errors = wait_for(submitted, records_dir, len(todo), since, console)
+    except KeyboardInterrupt:
+        if executor == "local":
+            for job in submitted:
+                job.cancel(check=False)
+        ingest(records_dir, db_path)
+        raise HarnessError("Interrupted. Finished runs are stored; run the same command again to resume.") from None
+    ingest(records_dir, db_path)
+    load_published(db_path)
+    mine = [r for r in read_records(records_dir) if r["config_hash"] in {s.config_hash for s in todo} and r["finished_at"] >= since]
+    failed = [r for r in mine if r["status"] != "ok"]
+    console.print(f"{len(mine) - len(failed)} ok, {len(failed)} failed, {len(grid) - len(todo)} skipped. Database: {db_path}")
+    for line in errors:
+        console.print(f"[red]job died:[/red] {line}")
+    for r in failed:
+        console.print(f"[red]failed[/red] {r['method']} {r['dataset']} {r['shots']}-shot seed {r['seed']}: {r['error'].splitlines()[0]}")
+    if failed or errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ingest(
+    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
+    records: Optional[Path] = typer.Option(None, help="Records folder [default: records/ beside the database]."),
+):
+    """Load workers' run records into the database (idempotent: a record ingested twice is one run)."""
+    from harness.records import default_records_dir, ingest as ingest_records
+
+    db_path = paths.db_path(db)
+    folder = records or default_records_dir(db_path)
+    console.print(f"Ingested {ingest_records(folder, db_path)} record files from {folder} into {db_path}.")
+
+
+@app.command()
+def status(
+    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
+    records: Optional[Path] = typer.Option(None, help="Records folder [default: records/ beside the database]."),
+):
+    """Progress of the last distributed sweep: done / failed / running / pending, from the record files."""
+    import json
+
+    from harness.records import PLAN, default_records_dir, read_records, running
+
+    folder = records or default_records_dir(paths.db_path(db))
+    if not (folder / PLAN).is_file():
+        raise HarnessError(f"No distributed sweep found in {folder} (no {PLAN}). Start one with `harness run --executor local|slurm`.")
+    plan = json.loads((folder / PLAN).read_text())["runs"]
+    latest = {r["config_hash"]: r for r in read_records(folder) if r["config_hash"] in plan}
+    in_flight = [m for m in running(folder) if m["config_hash"] in plan and m["config_hash"] not in latest]
+    done = sum(r["status"] == "ok" for r in latest.values())
+    failed = [r for r in latest.values() if r["status"] != "ok"]
+    table = Table("done", "failed", "running", "pending", "total", title=f"sweep in {folder}")
+    pending = len(plan) - len(latest) - len(in_flight)
+    table.add_row(str(done), str(len(failed)), str(len(in_flight)), str(pending), str(len(plan)))
+    console.print(table)
+    for m in in_flight:
+        console.print(f"{'[yellow]stale (worker gone)[/yellow]' if m['stale'] else 'running'}: {m['label']} (pid {m['pid']} on {m['host']})")
+    for r in failed:
+        console.print(f"[red]failed[/red] {plan[r['config_hash']]}: {r['error'].splitlines()[0]}")
 
 
 @app.command("list")

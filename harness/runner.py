@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from harness.data.fewshot import manifest_for
 from harness.data.readers import DatasetSplits, read_dataset
 from harness.errors import DataError, HarnessError
 from harness.grid import RunSpec
-from harness.store import write_record
+from harness.records import mark_running
 from methods import REGISTRY, ImageSet, Task
 from methods.base import Steps
 
@@ -178,17 +179,20 @@ def run_sweep(
     grid: list[RunSpec],
     *,
     datasets: dict[str, DatasetSplits],
-    db: Path,
     done: set[str],
+    store: Callable[[dict], None],
     weights_paths: dict[str, str | None],
     device: str,
     console: Console,
+    running_dir: Path | None = None,
 ) -> SweepResult:
+    """Run every spec not in `done`, handing each finished record to `store` (the database, or a
+    record file for workers, which then also leave an in-flight marker under `running_dir`)."""
     result = SweepResult()
     todo = [s for s in grid if s.config_hash not in done]
     result.skipped = len(grid) - len(todo)
     if result.skipped:
-        console.print(f"[dim]{result.skipped} of {len(grid)} runs already complete in {db}; skipping them (--force redoes them).[/dim]")
+        console.print(f"[dim]{result.skipped} of {len(grid)} runs already complete; skipping them (--force redoes them).[/dim]")
     if not todo:
         console.print("Nothing to do: every run of this grid is already stored.")
         return result
@@ -222,10 +226,13 @@ def run_sweep(
                 inner = progress.add_task(f"  {desc}", total=total)
                 return Steps(lambda n, t=inner: progress.advance(t, n))
 
+            marker = mark_running(running_dir, spec.config_hash, spec.label) if running_dir else None
             record = run_one(spec, backbone, splits, test_sets[spec.dataset], feature_cache, start_steps)
             if inner is not None:
                 progress.remove_task(inner)
-            write_record(db, record)
+            store(record)
+            if marker:
+                marker.unlink(missing_ok=True)
             if record["status"] == "ok":
                 result.ok += 1
                 progress.console.print(

@@ -72,14 +72,25 @@ def completed_hashes(path: Path) -> set[str]:
         return {row[0] for row in con.execute("SELECT config_hash FROM runs WHERE status = 'ok'").fetchall()}
 
 
-def write_record(path: Path, record: dict) -> None:
-    """Insert or replace the run with this config hash, atomically (one transaction)."""
+def insert_record(con: duckdb.DuckDBPyConnection, record: dict) -> None:
+    """Store a run, one statement: a config hash holds its most recently finished attempt only,
+    so re-ingesting an old record (or a stale failure) never replaces a newer run."""
     row = {name: record.get(name) for name in COLUMNS}
-    row["config"] = json.dumps(row["config"], sort_keys=True)
+    if not isinstance(row["config"], str):
+        row["config"] = json.dumps(row["config"], sort_keys=True)
     names = ", ".join(row)
     marks = ", ".join("?" for _ in row)
+    updates = ", ".join(f"{name} = excluded.{name}" for name in row if name != "config_hash")
+    con.execute(
+        f"INSERT INTO runs ({names}) VALUES ({marks}) ON CONFLICT (config_hash) DO UPDATE SET {updates} "
+        "WHERE excluded.finished_at >= runs.finished_at",
+        list(row.values()),
+    )
+
+
+def write_record(path: Path, record: dict) -> None:
     with connect(path) as con:
-        con.execute(f"INSERT OR REPLACE INTO runs ({names}) VALUES ({marks})", list(row.values()))
+        insert_record(con, record)
 
 
 def runs_frame(path: Path) -> pd.DataFrame:

@@ -1,0 +1,160 @@
+"""Sweeps over several processes: N local workers (one per GPU) or SLURM job arrays, via submitit.
+
+The grid is cut into shards that keep one (backbone, dataset) together, so a worker loads each
+once and reuses its caches across consecutive runs. Workers never open the DuckDB file: each
+finished run becomes one JSON record (see records.py) and the single writer ingests them. A shard
+job is checkpointable: on preemption or timeout submitit requeues it, and since it skips runs that
+already have a record, it loses at most the run it was in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from harness.errors import HarnessError
+from harness.grid import RunSpec
+from harness.paths import atomic_write_text
+from harness.records import PLAN, completed_in_records, read_records, write_record_file
+
+
+@dataclass
+class ClusterOptions:
+    """What a SLURM user sets; local workers use `time_min` only."""
+
+    partition: str | None = None
+    gpus_per_job: int = 1
+    cpus_per_job: int = 8
+    mem_gb: int = 64
+    time_min: int = 720
+    array_parallelism: int = 64
+    account: str | None = None
+    qos: str | None = None
+
+
+def shard(grid: list[RunSpec], jobs: int) -> list[list[RunSpec]]:
+    """Cut the grid into at most `jobs` shards of whole (backbone, dataset) groups, splitting a group
+    only when there are fewer groups than jobs; balance by run count, keep grid order inside a shard."""
+    groups: dict[tuple[str, str], list[RunSpec]] = {}
+    for spec in grid:
+        groups.setdefault((spec.backbone, spec.dataset), []).append(spec)
+    pieces = list(groups.values())
+    while len(pieces) < jobs and max(map(len, pieces), default=0) > 1:
+        largest = max(range(len(pieces)), key=lambda i: len(pieces[i]))
+        big = pieces.pop(largest)
+        half = math.ceil(len(big) / 2)
+        pieces[largest:largest] = [big[:half], big[half:]]
+    shards: list[list[RunSpec]] = [[] for _ in range(min(jobs, len(pieces)))]
+    for piece in sorted(pieces, key=len, reverse=True):
+        min(shards, key=len).extend(piece)
+    order = {spec.config_hash: i for i, spec in enumerate(grid)}
+    return [sorted(s, key=lambda spec: order[spec.config_hash]) for s in shards if s]
+
+
+class ShardJob(submitit.helpers.Checkpointable):
+    """One worker: runs its shard, writing a record file per run. Requeued as is on preemption."""
+
+    def __init__(self, specs: list[RunSpec], data_root: str, records: str, weights_paths: dict, device: str, threads: int):
+        self.specs, self.data_root, self.records = specs, data_root, records
+        self.weights_paths, self.device, self.threads = weights_paths, device, threads
+
+    def __call__(self) -> dict:
+        from harness.runner import load_datasets, run_sweep
+
+        if self.device == "cpu":
+            torch.set_num_threads(self.threads)
+        records = Path(self.records)
+        datasets = load_datasets(sorted({s.dataset for s in self.specs}), Path(self.data_root))
+        result = run_sweep(
+            self.specs,
+            datasets=datasets,
+            done=completed_in_records(records),
+            store=lambda record: write_record_file(records, record),
+            weights_paths=self.weights_paths,
+            device=self.device,
+            console=Console(file=sys.stdout, width=120),
+            running_dir=records,
+        )
+        return {"ok": result.ok, "failed": result.failed, "skipped": result.skipped}
+
+
+def make_executor(kind: str, folder: Path, opts: ClusterOptions) -> submitit.Executor:
+    if kind == "local":
+        executor = submitit.LocalExecutor(folder)
+        executor.update_parameters(timeout_min=opts.time_min)
+        return executor
+    # HARNESS_SUBMITIT_CLUSTER=local runs this very SLURM path on submitit's local executor (CI does).
+    cluster = os.environ.get("HARNESS_SUBMITIT_CLUSTER", "slurm")
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise HarnessError("--executor slurm needs SLURM's sbatch on PATH; run from a cluster login node, or use --executor local.")
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    params = dict(
+        name="harness", timeout_min=opts.time_min, gpus_per_node=opts.gpus_per_job, cpus_per_task=opts.cpus_per_job,
+        mem_gb=opts.mem_gb, slurm_array_parallelism=opts.array_parallelism,
+    )
+    params.update({f"slurm_{k}": v for k, v in (("partition", opts.partition), ("account", opts.account), ("qos", opts.qos)) if v})
+    executor.update_parameters(**params)
+    return executor
+
+
+def write_plan(records: Path, grid: list[RunSpec], shards: list[list[RunSpec]]) -> None:
+    """What `harness status` compares the records with."""
+    plan = {"runs": {s.config_hash: s.label for s in grid}, "jobs": [[s.config_hash for s in sh] for sh in shards]}
+    atomic_write_text(records / PLAN, json.dumps(plan, indent=1))
+
+
+def submit(
+    shards: list[list[RunSpec]], kind: str, *, records: Path, data_root: Path, weights_paths: dict, device: str, opts: ClusterOptions
+) -> list[submitit.Job]:
+    executor = make_executor(kind, records / "submitit", opts)
+    n_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    threads = max(1, (os.cpu_count() or 1) // len(shards))
+    jobs = []
+
+    def job_for(specs):
+        return ShardJob(specs, str(data_root), str(records), weights_paths, device, threads if kind == "local" else opts.cpus_per_job)
+
+    if kind == "local":
+        for i, specs in enumerate(shards):
+            if n_gpus:  # one GPU per worker, round robin
+                executor.update_parameters(gpus_per_node=1, visible_gpus=[i % n_gpus])
+            jobs.append(executor.submit(job_for(specs)))
+    else:
+        with executor.batch():  # one SLURM job array
+            jobs = [executor.submit(job_for(specs)) for specs in shards]
+    return jobs
+
+
+def wait(jobs: list[submitit.Job], records: Path, total: int, since: str, console: Console) -> list[str]:
+    """Show progress from the record files (those finished after `since`, ISO UTC) until every job
+    ends; returns the errors of jobs that died."""
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=console,
+    )
+    planned = set(json.loads((records / PLAN).read_text())["runs"])
+    with progress:
+        task = progress.add_task(f"{len(jobs)} jobs", total=total)
+        while True:
+            finished = sum(1 for r in read_records(records) if r["config_hash"] in planned and r["finished_at"] >= since)
+            progress.update(task, completed=min(finished, total))
+            if all(job.done() for job in jobs):
+                break
+            time.sleep(1.0)
+    errors = []
+    for job in jobs:
+        exc = job.exception()
+        if exc is not None:
+            errors.append(f"job {job.job_id}: {str(exc).strip().splitlines()[-1]} (log: {job.paths.stderr})")
+    return errors
