@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
 import harness
 from harness.errors import HarnessError
@@ -97,6 +97,7 @@ def aggregate(runs: pd.DataFrame, published: pd.DataFrame) -> Aggregate:
         }
     datasets = per_dataset(ok)
     datasets["expected_seeds"] = [len(grids[(s, b)]["seeds"]) for s, b in zip(datasets["suite"], datasets["backbone"])]
+    datasets["complete"] = datasets["n_seeds"] >= datasets["expected_seeds"]
     rows = []
     for (suite, backbone, method, shots), cell in datasets.groupby(["suite", "backbone", "method", "shots"]):
         expected = grids[(suite, backbone)]["datasets"]
@@ -191,22 +192,24 @@ def curves_svg(agg: Aggregate, suite: str, backbone: str, colours: dict[str, str
 
     grid = agg.grids[(suite, backbone)]
     shots = grid["shots"]
-    if not shots and agg.leaderboard.empty:
+    if not shots:  # zero-shot only: nothing to draw against shots
         return None
     board = agg.leaderboard[(agg.leaderboard.suite == suite) & (agg.leaderboard.backbone == backbone)]
     per_ds = agg.datasets[(agg.datasets.suite == suite) & (agg.datasets.backbone == backbone)]
     pub = agg.published[agg.published.backbone == backbone]
     panels = [("average", board)] + [(d, per_ds[per_ds.dataset == d]) for d in grid["datasets"]]
+    # A published average is drawn only beside an average over the same datasets.
+    same_datasets = set(grid["datasets"]) == set(pub.loc[pub.dataset != "average", "dataset"])
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False)
-    xs = shots or [1]
+    xs = shots
     used = []
     for ax, (title, frame) in zip(axes.flat, panels):
         for method in sorted(frame["method"].unique()):
             mine = frame[frame.method == method].sort_values("shots")
             colour = colours[method]
-            theirs = pub[(pub.method == method) & (pub.dataset == title)]
+            theirs = pub[(pub.method == method) & (pub.dataset == title)] if title != "average" or same_datasets else pub.iloc[:0]
             if (mine["shots"] == 0).all():  # zero-shot reference: flat line across the shot axis
                 value = mine["mean"].iloc[0]
                 ax.axhline(value, color=colour, lw=1.4, ls=(0, (1, 1.5)))
@@ -314,7 +317,7 @@ def _best_two(values: dict[str, float]) -> tuple[str | None, str | None]:
 def wide_table(cells: pd.DataFrame, methods: list[str], shots: list[int], with_rank: bool) -> dict:
     """methods x shots as a template-friendly dict; zero-shot rows repeat their value in every column."""
     header = [f"{k}-shot" for k in shots]
-    ranked_cols = {k: cells[(cells.shots == k) & cells.get("complete", True)].set_index("method")["mean"].to_dict() for k in shots}
+    ranked_cols = {k: cells[(cells.shots == k) & cells["complete"]].set_index("method")["mean"].to_dict() for k in shots}
     rows = []
     for method in methods:
         mine = cells[cells.method == method]
@@ -378,9 +381,18 @@ def latex_escape(text: str) -> str:
     return "".join(LATEX_SPECIALS.get(ch, ch) for ch in str(text))
 
 
+def _group_key(key: tuple[str, str]) -> tuple:
+    """Standard suite first, the demo last; backbones in the papers' order (B/16, B/32, L/14), others after."""
+    suite, backbone = key
+    papers = ["ViT-B-16", "ViT-B-32", "ViT-L-14"]
+    return (suite != "standard", suite == "demo", suite, papers.index(backbone) if backbone in papers else len(papers), backbone)
+
+
 def _groups(board: pd.DataFrame):
-    for (suite, backbone), cells in board.groupby(["suite", "backbone"], sort=True):
-        shots = sorted(int(k) for k in cells.loc[cells.shots > 0, "shots"].unique())
+    groups = dict(list(board.groupby(["suite", "backbone"], sort=True)))
+    for suite, backbone in sorted(groups, key=_group_key):
+        cells = groups[(suite, backbone)]
+        shots = sorted(int(k) for k in cells.loc[cells.shots > 0, "shots"].unique()) or [0]  # zero-shot only: one column
         yield suite, backbone, cells, shots, method_order(cells)
 
 
@@ -416,7 +428,7 @@ def leaderboard_latex(board: pd.DataFrame) -> str:
         out += [f"% {latex_escape(backbone)} ({latex_escape(suite)} suite)", r"\begin{tabular}{l" + "c" * len(shots) + "}", r"\toprule",
                 f"\\multicolumn{{{len(shots) + 1}}}{{l}}{{\\textit{{{latex_escape(backbone)} ({latex_escape(suite)} suite)}}}} \\\\",
                 "Method & " + " & ".join(f"{k}-shot" for k in shots) + r" \\", r"\midrule"]
-        for row in table["rows"]:
+        for i, row in enumerate(table["rows"]):
             texts = []
             for c in row["cells"]:
                 if "mean" not in c:
@@ -431,7 +443,8 @@ def leaderboard_latex(board: pd.DataFrame) -> str:
                 texts.append(value)
             name = latex_escape(row["method"]) + (" (0-shot)" if row["reference"] else "")
             out.append(f"{name} & " + " & ".join(texts) + r" \\")
-            if row["reference"]:
+            following = table["rows"][i + 1:]
+            if row["reference"] and following and not following[0]["reference"]:
                 out.append(r"\midrule")
         out += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(out)
@@ -504,6 +517,12 @@ def render(db: Path, out: Path) -> dict[str, Path]:
             "efficiency_svg": efficiency_svg(eff, k, f"{suite}-{backbone}", colours),
         })
     gaps = gap_table(agg)
+    gap_summary = []
+    for (backbone, method), group in gaps.groupby(["backbone", "method"], sort=False):
+        by_shots = group.groupby("shots")["gap"].agg(["mean", "count"])
+        gap_summary.append({"backbone": backbone, "method": method,
+                            "cells": {int(k): (v["mean"], int(v["count"])) for k, v in by_shots.iterrows()}})
+    gap_shots = sorted({int(k) for k in gaps["shots"].unique()})
     failed = agg.failed.sort_values(["suite", "backbone", "method", "dataset", "shots", "seed"])
     failed = [{**r, "error_line": (r["error"] or "").strip().splitlines()[0] if r["error"] else "", "error": r["error"] or ""}
               for r in failed.to_dict("records")]
@@ -513,7 +532,7 @@ def render(db: Path, out: Path) -> dict[str, Path]:
     env.filters["count"] = lambda v: "\u2013" if v is None or pd.isna(v) else f"{int(v):,}"
     css = env.loader.get_source(env, "report.css")[0]
     html = env.get_template("report.html.j2").render(
-        css=Markup(css), sections=sections, gaps=gaps.to_dict("records"), failed=failed, prov=provenance(agg),
+        css=Markup(css), sections=sections, gaps=gaps.to_dict("records"), gap_summary=gap_summary, gap_shots=gap_shots, failed=failed, prov=provenance(agg),
         n_ok=len(agg.ok), n_runs=len(runs), n_failed=len(agg.failed), superseded=agg.superseded,
         seed_mark=SEED_MARK, data_mark=DATA_MARK, db=str(db), version=harness.__version__,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -529,4 +548,4 @@ def render(db: Path, out: Path) -> dict[str, Path]:
     return written
 
 
-__all__ = ["render", "aggregate", "load_runs", "per_dataset", "ok_runs", "latex_escape", "escape"]
+__all__ = ["render", "aggregate", "load_runs", "per_dataset", "ok_runs", "latex_escape"]

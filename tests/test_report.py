@@ -54,13 +54,13 @@ def build_fixture_db(db: Path) -> None:
             n += 1
             write_record(db, _record("zero_shot", dataset, "ViT-B-16", 0, seed, pub[("zero_shot", dataset, 0)], n=n))
         for method, (hp, params, like) in methods.items():
-            for shots in (1, 2, 4, 8, 16):
+            for shots in (1, 4, 16):
                 for seed in (1, 2, 3):
                     n += 1
                     if method == "clip_lora" and dataset == "dtd" and shots == 16 and seed == 3:
                         continue  # a seed that never ran: the cell must be marked
                     top1 = pub[(like, dataset, shots)] + 0.4 * (seed - 2) + (0.3 if method == "block_lora" else -0.6)
-                    if method == "block_lora" and dataset == "eurosat" and shots == 2 and seed == 2:
+                    if method == "block_lora" and dataset == "eurosat" and shots == 4 and seed == 2:
                         write_record(db, _record(method, dataset, "ViT-B-16", shots, seed, None, hparams=hp, status="failed",
                                                  error="DivergedError: loss became nan at step 17", params=params, n=n))
                         continue
