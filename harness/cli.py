@@ -178,6 +178,14 @@ def _run_distributed(grid, done, executor, jobs, opts, records_dir, db_path, dat
         raise typer.Exit(1)
 
 
+def _ingest_pending(db_path: Path) -> None:
+    """Report and check read the database: first collect records that workers left beside it."""
+    from harness.records import default_records_dir, ingest as ingest_records
+
+    if default_records_dir(db_path).is_dir():
+        ingest_records(default_records_dir(db_path), db_path)
+
+
 @app.command()
 def ingest(
     db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
@@ -291,6 +299,7 @@ def report(
     """Render the leaderboard: a self-contained index.html plus leaderboard .csv, .md and .tex."""
     from harness.report import render
 
+    _ingest_pending(paths.db_path(db))
     written = render(paths.db_path(db), out)
     for kind, path in written.items():
         console.print(f"{kind:>4}  {path}")
@@ -309,6 +318,7 @@ def check(
     if tolerance_floor < 0:
         raise HarnessError(f"--tolerance-floor must be >= 0 points, got {tolerance_floor}.")
     db_path = paths.db_path(db)
+    _ingest_pending(db_path)
     if update:
         console.print(f"Wrote {write_baseline(db_path, baseline)} entries to {baseline} (mean top-1 over seeds). Commit it with the change that moved the numbers.")
         return
