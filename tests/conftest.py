@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny tensors gain nothing from a second thread, and one thread keeps results independent of the
+# machine's core count (and of a busy neighbour on a shared 2-core machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,3 +30,15 @@ def tiny():
     from harness.backbones import load_backbone
 
     return load_backbone("tiny")
+
+
+@pytest.fixture(scope="session")
+def random_tiny():
+    """The tiny CLIP with seeded random weights, whatever demo weights ship: its random text tower
+    leaves zero-shot at chance while its frozen image features still separate colours, so a test
+    measures what a method learns, not what pre-training put there."""
+    from harness.backbones import Backbone, build_tiny
+
+    model = build_tiny().eval().requires_grad_(False)
+    size = model.visual.image_size
+    return Backbone("tiny", model, size[0] if isinstance(size, tuple) else size, "tiny-random:seed0", torch.device("cpu"))

@@ -5,12 +5,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from harness.backbones import Backbone, build_tiny
 from harness.cli import app
-from harness.grid import build_grid
-from harness.runner import load_datasets, run_one
-from methods import REGISTRY, ImageSet
-from methods.base import Steps
+from methods import REGISTRY
+from runs import run_method
 
 
 def test_defaults_are_the_official_recipe():
@@ -24,41 +21,10 @@ def test_defaults_are_the_official_recipe():
     assert "reconstruction" in block.deviations.lower() and "2501.16720" in block.paper
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a shared 2-core machine a busy
-    second thread can slow every step several-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def random_tiny():
-    """The seeded random-weight tiny CLIP, whatever demo weights are installed: zero-shot is at
-    chance and the test measures what the adapters learn, not what pre-training put there."""
-    return Backbone("tiny", build_tiny().eval().requires_grad_(False), 32, "tiny-random:seed0", torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def colours(demo_root):
-    from pathlib import Path
-
-    splits = load_datasets(["demo_colours"], Path("unused"))["demo_colours"]
-    return splits, ImageSet(splits.root, "demo_colours", splits.test, 32)
-
-
-def run(method, backbone, colours, shots=16, seed=1, sets=None):
-    splits, test = colours
-    (spec,) = build_grid([method], ["demo_colours"], "demo", [shots], [seed], {"tiny": backbone.weights}, "fp32", sets or {})
-    return run_one(spec, backbone, splits, test, {}, lambda total, desc: Steps())
-
-
-@pytest.fixture(scope="module")
-def records(random_tiny, colours):
+def records(random_tiny, demo_root):
     before = {k: v.clone() for k, v in random_tiny.model.state_dict().items()}
-    out = {m: run(m, random_tiny, colours) for m in ("zero_shot", "clip_lora", "block_lora")}
+    out = {m: run_method(m, "demo_colours", 16, random_tiny) for m in ("zero_shot", "clip_lora", "block_lora")}
     after = random_tiny.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a run changed the shared backbone"
     return out
@@ -74,13 +40,13 @@ def test_beats_zero_shot_at_16_shots(records, method, trainable):
     assert rec["top1"] >= zs["top1"] + 30, (method, rec["top1"], zs["top1"])
 
 
-def test_same_seed_same_accuracy(records, random_tiny, colours):
-    again = run("block_lora", random_tiny, colours)
+def test_same_seed_same_accuracy(records, random_tiny):
+    again = run_method("block_lora", "demo_colours", 16, random_tiny)
     assert again["top1"] == records["block_lora"]["top1"]
 
 
-def test_divergence_is_a_failed_run(random_tiny, colours):
-    rec = run("clip_lora", random_tiny, colours, shots=1, sets={"lr": 1e30, "steps_per_shot": 3})
+def test_divergence_is_a_failed_run(random_tiny, demo_root):
+    rec = run_method("clip_lora", "demo_colours", 1, random_tiny, sets={"lr": 1e30, "steps_per_shot": 3})
     assert rec["status"] == "failed" and "diverged" in rec["error"]
 
 

@@ -7,23 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import Backbone, build_tiny, encode_text
+from harness.backbones import encode_text
 from harness.cards import get_card
 from harness.data.fewshot import manifest_for
-from harness.grid import build_grid
-from harness.runner import load_datasets, run_one
+from harness.runner import load_datasets
 from methods import ImageSet, Task
-from methods.base import Steps
+from runs import run_method
 from methods.coop import CoOp, PromptLearner, coop_lr, epochs_for_shots
 
 SOS, EOT, X = 49406, 49407, 343  # CLIP BPE ids of <start_of_text>, <end_of_text>, "x</w>"
-
-
-@pytest.fixture(scope="module")
-def random_tiny():
-    """The tiny CLIP with seeded random weights, whatever demo weights ship: its random text encoder
-    leaves zero-shot at chance while its frozen image features still separate colours."""
-    return Backbone("tiny", build_tiny().eval().requires_grad_(False), 32, "tiny-random:seed0", torch.device("cpu"))
 
 
 def make_task(backbone, dataset, shots, seed=1):
@@ -35,16 +27,6 @@ def make_task(backbone, dataset, shots, seed=1):
         backbone=backbone, precision="fp32", train=ImageSet(splits.root, dataset, manifest.train, size),
         val=ImageSet(splits.root, dataset, manifest.val, size), test=ImageSet(splits.root, dataset, splits.test, size),
     )
-
-
-def run(method, dataset, shots, backbone, seed=1):
-    """One run through the real runner path, with the demo suite's overrides."""
-    spec = build_grid([method], [dataset], "demo", [shots], [seed], {"tiny": backbone.weights}, "fp32", {})[0]
-    splits = load_datasets([dataset], Path("."))[dataset]
-    test = ImageSet(splits.root, dataset, splits.test, backbone.image_size)
-    record = run_one(spec, backbone, splits, test, {}, lambda total, desc: Steps())
-    assert record["status"] == "ok", record.get("error")
-    return record
 
 
 @pytest.mark.parametrize("n_ctx", [16, 4])
@@ -100,9 +82,9 @@ def test_training_loop_uses_the_schedule_and_leaves_the_backbone_alone(random_ti
 
 
 def test_coop_learns_and_repeats(random_tiny, demo_root):
-    zero_shot = run("zero_shot", "demo_colours", 0, random_tiny)["top1"]
-    first = run("coop", "demo_colours", 16, random_tiny)
-    second = run("coop", "demo_colours", 16, random_tiny)
+    zero_shot = run_method("zero_shot", "demo_colours", 0, random_tiny)["top1"]
+    first = run_method("coop", "demo_colours", 16, random_tiny)
+    second = run_method("coop", "demo_colours", 16, random_tiny)
     assert first["config"]["hparams"]["epoch_scale"] == 0.1  # the demo suite's override
     assert first["trainable_params"] == 16 * 64
     assert first["top1"] >= zero_shot + 8, (first["top1"], zero_shot)

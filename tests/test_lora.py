@@ -40,15 +40,6 @@ def outputs(model, images, tokens):
     return model.encode_image(images), encode_text(model, tokens), model.encode_text(tokens)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread; on a shared 2-core machine it costs several-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def inputs(tiny):
     torch.manual_seed(0)

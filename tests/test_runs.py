@@ -5,7 +5,6 @@ import sys
 import time
 
 import duckdb
-import pytest
 import torch
 from safetensors.torch import save_file
 

@@ -8,29 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import methods.tip_adapter as tip
-from harness.backbones import Backbone, build_tiny
 from harness.data.fewshot import manifest_for
-from harness.grid import build_grid
-from harness.runner import load_datasets, run_one
+from harness.runner import load_datasets
 from methods import ImageSet, Task
-from methods.base import Steps
-
-
-@pytest.fixture(scope="module")
-def random_tiny():
-    """The tiny CLIP with seeded random weights, whatever demo weights ship: its random text encoder
-    leaves zero-shot at chance while its frozen image features still separate colours."""
-    return Backbone("tiny", build_tiny().eval().requires_grad_(False), 32, "tiny-random:seed0", torch.device("cpu"))
-
-
-def run(method, dataset, shots, backbone, seed=1):
-    """One run through the real runner path, with the demo suite's overrides."""
-    spec = build_grid([method], [dataset], "demo", [shots], [seed], {"tiny": backbone.weights}, "fp32", {})[0]
-    splits = load_datasets([dataset], Path("."))[dataset]
-    test = ImageSet(splits.root, dataset, splits.test, backbone.image_size)
-    record = run_one(spec, backbone, splits, test, {}, lambda total, desc: Steps())
-    assert record["status"] == "ok", record.get("error")
-    return record
+from runs import run_method
 
 
 def test_logit_formula_on_hand_made_features():
@@ -123,9 +104,9 @@ def test_keys_are_averaged_over_views_before_normalisation(random_tiny, demo_roo
 
 @pytest.mark.parametrize("name", ["tip_adapter", "tip_adapter_f"])
 def test_learns_and_repeats(random_tiny, demo_root, name):
-    zero_shot = run("zero_shot", "demo_colours", 0, random_tiny)["top1"]
-    first = run(name, "demo_colours", 16, random_tiny)
-    second = run(name, "demo_colours", 16, random_tiny)
+    zero_shot = run_method("zero_shot", "demo_colours", 0, random_tiny)["top1"]
+    first = run_method(name, "demo_colours", 16, random_tiny)
+    second = run_method(name, "demo_colours", 16, random_tiny)
     assert first["trainable_params"] == (0 if name == "tip_adapter" else 8 * 16 * 64)  # N*K*D keys
     assert first["top1"] >= zero_shot + 8, (first["top1"], zero_shot)
     assert second["top1"] == first["top1"]

@@ -12,7 +12,6 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from harness import PROTOCOL_VERSION
 from harness.data.readers import DatasetSplits, Item

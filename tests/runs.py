@@ -1,0 +1,16 @@
+"""Run one grid point through the real runner path (demo-suite overrides included) in a test."""
+
+from pathlib import Path
+
+from harness.grid import build_grid
+from harness.runner import load_datasets, run_one
+from methods import ImageSet
+from methods.base import Steps
+
+
+def run_method(method, dataset, shots, backbone, seed=1, sets=None) -> dict:
+    """The run's record; zero-shot ignores `shots` (stored at 0)."""
+    (spec,) = build_grid([method], [dataset], "demo", [shots], [seed], {backbone.name: backbone.weights}, "fp32", sets or {})
+    splits = load_datasets([dataset], Path("unused"))[dataset]
+    test = ImageSet(splits.root, dataset, splits.test, backbone.image_size)
+    return run_one(spec, backbone, splits, test, {}, lambda total, desc: Steps())
