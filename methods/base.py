@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +27,9 @@ from harness.data.readers import Item
 from harness.errors import DivergedError
 
 REGISTRY: dict[str, type["Method"]] = {}
+
+# Device memory the sweep may keep for decoded few-shot originals across runs (Task.train_originals).
+ORIGINALS_CACHE_MB = float(os.environ.get("HARNESS_ORIGINALS_CACHE_MB", 4096))
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -79,8 +83,8 @@ class ImageSet:
             self._pixels = eval_pixels(self.root, self.dataset, self.items, self.size)
         return self._pixels
 
-    def originals(self) -> list[torch.Tensor]:
-        return decode_items(self.root, self.items)
+    def originals(self, max_short_side: int | None = None) -> list[torch.Tensor]:
+        return decode_items(self.root, self.items, max_short_side)
 
 
 class Steps:
@@ -125,6 +129,23 @@ class Task:
                 out.append(model.encode_image(normalize(pixels[start : start + batch_size], self.device)).float())
         return torch.cat(out) if out else torch.empty(0, self.backbone.embed_dim, device=self.device)
 
+    def train_originals(self, max_short_side: int | None = None) -> list[torch.Tensor]:
+        """The few-shot originals (uint8, decoded once) on the device, shared by the sweep's runs on
+        the same few-shot set through `feature_cache` (least recently used sets are dropped beyond
+        ORIGINALS_CACHE_MB, the set in use always kept). Callers must not modify them in place."""
+        key = ("originals", self.train.key, max_short_side, str(self.device))
+        cache = self.feature_cache
+        if key in cache:
+            cache[key] = cache.pop(key)  # most recently used last
+            return cache[key]
+        cache[key] = [im.to(self.device) for im in self.train.originals(max_short_side)]
+        budget = ORIGINALS_CACHE_MB * 2**20
+        held = [k for k in cache if isinstance(k, tuple) and k[0] == "originals"]
+        size = {k: sum(t.numel() * t.element_size() for t in cache[k]) for k in held}
+        while len(held) > 1 and sum(size[k] for k in held) > budget:
+            del cache[held.pop(0)]
+        return cache[key]
+
     @torch.no_grad()
     def frozen_features(self, images: ImageSet) -> torch.Tensor:
         """L2-normalised features of the frozen backbone on the evaluation view (cached per sweep)."""
@@ -151,6 +172,36 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
     value = float(loss.detach())
     if not math.isfinite(value):
         raise DivergedError(f"loss became {value} at step {step}; the run diverged (try a lower learning rate)")
+
+
+class FiniteGuard:
+    """`check_finite` without a host sync at every step: the first non-finite loss (step and value)
+    is recorded on the device and read back every `every` steps and at `close()`, so a diverged
+    run still fails with the same error, at most `every - 1` steps later."""
+
+    def __init__(self, every: int = 50):
+        self.every = every
+        self.first_step: torch.Tensor | None = None  # -1 while every loss was finite
+        self.first_value: torch.Tensor | None = None
+        self.seen = 0
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        if self.first_step is None:
+            self.first_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.first_value = torch.zeros((), device=loss.device)
+        new = ~torch.isfinite(loss) & (self.first_step < 0)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_value = torch.where(new, loss, self.first_value)
+        self.seen += 1
+        if self.seen % self.every == 0:
+            self.check()
+
+    def check(self) -> None:
+        if self.first_step is not None and int(self.first_step) >= 0:
+            check_finite(self.first_value, int(self.first_step))
+
+    close = check
 
 
 def count_trainable(params) -> int:

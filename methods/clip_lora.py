@@ -15,17 +15,23 @@ Deviations (named, and recorded in each run's config through the precision field
   function; see methods/lora.py), and merged into the weights for evaluation;
 - augmentation runs on uint8 tensors on the device (torchvision v2, antialiased bicubic) instead of
   PIL in a DataLoader; the text tower runs on the prompt tokens only (identical features);
-- `steps_per_shot` may be scaled down by a suite override (the demo suite does).
+- `steps_per_shot` may be scaled down by a suite override (the demo suite does);
+- `max_short_side` (default None: off) downscales few-shot originals before they go to the device
+  (16-shot ImageNet at full resolution would hold ~10 GB on the GPU); recorded in the config.
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from harness.backbones import encode_text
 from harness.data.images import normalize, random_resized_crops
-from methods.base import ImageSet, Method, Task, check_finite, register
+from methods.base import FiniteGuard, ImageSet, Method, Task, register
 from methods.lora import adapted_copy, lora_factory, merge_adapters
 
 ENCODERS = {"both": ("vision", "text"), "vision": ("vision",), "text": ("text",)}
@@ -44,6 +50,25 @@ def shuffled_batches(n: int, batch_size: int):
         order = torch.randperm(n)
         for start in range(0, n, batch_size):
             yield order[start : start + batch_size]
+
+
+def no_section(name: str):
+    return contextlib.nullcontext()
+
+
+@dataclass
+class LoRATraining:
+    """The state of one CLIP-LoRA training run between `start_training` and `finish_training`."""
+
+    images: list[torch.Tensor]  # few-shot originals, uint8, on the device
+    labels: torch.Tensor
+    total: int  # optimiser steps of the run
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    text_frozen: torch.Tensor | None  # text features when the text tower is not adapted
+    encoders: tuple[str, ...]
+    batches: Iterator[torch.Tensor]
+    guard: FiniteGuard
 
 
 @register
@@ -70,6 +95,10 @@ class CLIPLoRA(Method):
         "crop_scale": [0.08, 1.0],
         "template": "a photo of a {}.",  # the same prompt for every dataset
         "logit_scale": 100.0,
+        # None: few-shot originals at full resolution (official). An int S downscales (bicubic,
+        # antialiased) originals whose shorter side exceeds S before they go to the device, so
+        # 16-shot ImageNet fits in GPU memory; a named deviation when set (it is in the config).
+        "max_short_side": None,
     }
 
     def make_adapter_factory(self):
@@ -77,6 +106,15 @@ class CLIPLoRA(Method):
         return lora_factory(int(hp["r"]), float(hp["alpha"]), float(hp["dropout"]))
 
     def fit(self, task: Task) -> None:
+        state = self.start_training(task)
+        steps = task.start_steps(state.total, f"{self.name} steps")
+        for step in range(state.total):
+            self.train_step(task, state, step)
+            steps.advance()
+        self.finish_training(state)
+
+    def start_training(self, task: Task) -> "LoRATraining":
+        """Everything before the first step: adapted copy, few-shot images on the device, optimiser."""
         hp = self.hp
         if hp["encoders"] not in ENCODERS:
             raise ValueError(f"encoders must be one of {', '.join(ENCODERS)}, not '{hp['encoders']}'.")
@@ -85,9 +123,9 @@ class CLIPLoRA(Method):
         self.model, params = adapted_copy(task.backbone.model, self.make_adapter_factory(), encoders, parse_params(hp["params"]))
         self.n_trainable = sum(p.numel() for p in params)
         self.tokens = task.backbone.tokenize([hp["template"].format(c) for c in task.classnames])
-        scale = float(hp["logit_scale"])
 
-        images = [im.to(task.device) for im in task.train.originals()]  # decoded once, kept on the device
+        # decoded once, kept on the device (and shared by the sweep's runs on the same few-shot set)
+        images = task.train_originals(hp["max_short_side"])
         labels = task.train.labels.to(task.device)
         total = int(hp["steps_per_shot"]) * task.shots
         optimizer = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]), betas=tuple(hp["betas"]))
@@ -99,25 +137,39 @@ class CLIPLoRA(Method):
                 text_frozen = F.normalize(encode_text(self.model, self.tokens).float(), dim=-1)
 
         self.model.train()  # activates the adapters' dropout (CLIP itself has none)
-        steps = task.start_steps(total, f"{self.name} steps")
-        batches = shuffled_batches(len(images), int(hp["batch_size"]))
-        for step in range(total):
-            idx = next(batches)
-            pixels = random_resized_crops([images[i] for i in idx.tolist()], task.backbone.image_size, tuple(hp["crop_scale"]))
-            with task.autocast():
-                if text_frozen is None:
+        return LoRATraining(
+            images=images, labels=labels, total=total, optimizer=optimizer, scheduler=scheduler, text_frozen=text_frozen,
+            encoders=encoders, batches=shuffled_batches(len(images), int(hp["batch_size"])), guard=FiniteGuard(),
+        )
+
+    def train_step(self, task: Task, state: "LoRATraining", step: int, section=no_section) -> torch.Tensor:
+        """One optimiser step. `section(name)` brackets its parts (data, text, image, backward,
+        optimizer) for the benchmark's timers; by default it does nothing."""
+        hp = self.hp
+        with section("data"):
+            idx = next(state.batches)
+            pixels = random_resized_crops([state.images[i] for i in idx.tolist()], task.backbone.image_size, tuple(hp["crop_scale"]))
+            pixels = normalize(pixels, task.device)
+        with task.autocast():
+            with section("text"):
+                if state.text_frozen is None:
                     text = F.normalize(encode_text(self.model, self.tokens).float(), dim=-1)
                 else:
-                    text = text_frozen
-                with torch.set_grad_enabled("vision" in encoders):
-                    image = F.normalize(self.model.encode_image(normalize(pixels, task.device)).float(), dim=-1)
-            loss = F.cross_entropy(scale * image @ text.T, labels[idx.to(labels.device)])
-            check_finite(loss, step)
-            optimizer.zero_grad(set_to_none=True)
+                    text = state.text_frozen
+            with section("image"), torch.set_grad_enabled("vision" in state.encoders):
+                image = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        with section("backward"):
+            loss = F.cross_entropy(float(hp["logit_scale"]) * image @ text.T, state.labels[idx.to(state.labels.device)])
+            state.guard.update(loss, step)  # no host sync per step; a non-finite loss still fails the run
+            state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
-            steps.advance()
+        with section("optimizer"):
+            state.optimizer.step()
+            state.scheduler.step()
+        return loss
+
+    def finish_training(self, state: "LoRATraining") -> None:
+        state.guard.close()
         self.model.eval()
         merge_adapters(self.model)  # the last step is evaluated, with no adapter overhead
 

@@ -53,9 +53,19 @@ def _map(fn, items):
         return list(pool.map(fn, items))
 
 
-def decode_items(root: Path, items: list[Item]) -> list[torch.Tensor]:
-    """Original-resolution uint8 tensors, for training-time augmentation."""
-    return _map(lambda it: to_tensor(load_rgb(root / it.path)), items)
+def cap_short_side(img: Image.Image, max_short_side: int | None) -> Image.Image:
+    """Downscale (bicubic, antialiased) so the shorter side is at most `max_short_side`; None keeps it."""
+    w, h = img.size
+    if max_short_side is None or min(w, h) <= max_short_side:
+        return img
+    scale = max_short_side / min(w, h)
+    return img.resize((max(max_short_side, round(w * scale)), max(max_short_side, round(h * scale))), Image.BICUBIC)
+
+
+def decode_items(root: Path, items: list[Item], max_short_side: int | None = None) -> list[torch.Tensor]:
+    """Original-resolution uint8 tensors (shorter side capped at `max_short_side` if given), for
+    training-time augmentation."""
+    return _map(lambda it: to_tensor(cap_short_side(load_rgb(root / it.path), max_short_side)), items)
 
 
 def eval_pixels(root: Path, dataset: str, items: list[Item], size: int) -> torch.Tensor:
