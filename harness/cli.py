@@ -65,8 +65,13 @@ def run(
     from harness.backbones import resolve_weights
     from harness.cards import suite_cards, suites
     from harness.grid import build_grid, parse_sets
-    from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
     from harness.records import default_records_dir, ingest
+    from harness.runner import (
+        load_datasets,
+        resolve_device,
+        resolve_precision,
+        run_sweep,
+    )
     from harness.store import completed_hashes, write_record
     from methods import REGISTRY
 
@@ -98,10 +103,15 @@ def run(
         ingest(records_dir, db_path)  # runs that workers finished earlier count as complete
     done = set() if force else completed_hashes(db_path)
     if executor != "serial":
-        from harness.distributed import ClusterOptions
+        from harness.distributed import ClusterOptions, run_distributed
 
         opts = ClusterOptions(partition, gpus_per_job, cpus_per_job, mem_gb, time_min, array_parallelism, account, qos)
-        _run_distributed(grid, done, executor, jobs, opts, records_dir, db_path, paths.data_root(data_root), {b: weights for b in backbones}, dev, dry_run, wait)
+        failed = run_distributed(
+            grid, done, executor, jobs, opts, records=records_dir, db=db_path, data_root=paths.data_root(data_root),
+            weights_paths={b: weights for b in backbones}, device=dev, dry_run=dry_run, wait=wait, console=console,
+        )
+        if failed:
+            raise typer.Exit(1)
         return
     try:
         result = run_sweep(
@@ -127,60 +137,10 @@ def run(
         raise typer.Exit(1)
 
 
-def _run_distributed(grid, done, executor, jobs, opts, records_dir, db_path, data_root, weights_paths, device, dry_run, wait):
-    from datetime import datetime, timezone
-
-    from harness.distributed import shard, submit, wait as wait_for, write_plan
-    from harness.records import ingest, read_records
-    from harness.published import load_published
-
-    todo = [s for s in grid if s.config_hash not in done]
-    if len(todo) < len(grid):
-        console.print(f"[dim]{len(grid) - len(todo)} of {len(grid)} runs already complete; skipping them (--force redoes them).[/dim]")
-    if not todo:
-        console.print("Nothing to do: every run of this grid is already stored.")
-        return
-    shards = shard(todo, max(1, jobs))
-    table = Table("job", "runs", "backbone / dataset groups", title=f"{len(todo)} runs in {len(shards)} {executor} jobs")
-    for i, specs in enumerate(shards):
-        groups = dict.fromkeys(f"{s.backbone}/{s.dataset}" for s in specs)
-        table.add_row(str(i), str(len(specs)), ", ".join(groups))
-    console.print(table)
-    if dry_run:
-        console.print(f"Job parameters: {opts}. Records would go to {records_dir}. Nothing submitted (--dry-run).")
-        return
-    records_dir.mkdir(parents=True, exist_ok=True)
-    write_plan(records_dir, todo, shards)
-    since = datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
-    submitted = submit(shards, executor, records=records_dir, data_root=data_root, weights_paths=weights_paths, device=device, opts=opts)
-    console.print(f"Submitted {len(submitted)} jobs ({', '.join(j.job_id for j in submitted)}); records go to {records_dir}.")
-    if executor == "slurm" and not wait:
-        console.print("Follow them with `harness status`; collect the records with `harness ingest` (report and check also ingest).")
-        return
-    try:
-        errors = wait_for(submitted, records_dir, len(todo), since, console)
-    except KeyboardInterrupt:
-        if executor == "local":
-            for job in submitted:
-                job.cancel(check=False)
-        ingest(records_dir, db_path)
-        raise HarnessError("Interrupted. Finished runs are stored; run the same command again to resume.") from None
-    ingest(records_dir, db_path)
-    load_published(db_path)
-    mine = [r for r in read_records(records_dir) if r["config_hash"] in {s.config_hash for s in todo} and r["finished_at"] >= since]
-    failed = [r for r in mine if r["status"] != "ok"]
-    console.print(f"{len(mine) - len(failed)} ok, {len(failed)} failed, {len(grid) - len(todo)} skipped. Database: {db_path}")
-    for line in errors:
-        console.print(f"[red]job died:[/red] {line}")
-    for r in failed:
-        console.print(f"[red]failed[/red] {r['method']} {r['dataset']} {r['shots']}-shot seed {r['seed']}: {r['error'].splitlines()[0]}")
-    if failed or errors:
-        raise typer.Exit(1)
-
-
 def _ingest_pending(db_path: Path) -> None:
     """Report and check read the database: first collect records that workers left beside it."""
-    from harness.records import default_records_dir, ingest as ingest_records
+    from harness.records import default_records_dir
+    from harness.records import ingest as ingest_records
 
     if default_records_dir(db_path).is_dir():
         ingest_records(default_records_dir(db_path), db_path)
@@ -192,7 +152,8 @@ def ingest(
     records: Optional[Path] = typer.Option(None, help="Records folder [default: records/ beside the database]."),
 ):
     """Load workers' run records into the database (idempotent: a record ingested twice is one run)."""
-    from harness.records import default_records_dir, ingest as ingest_records
+    from harness.records import default_records_dir
+    from harness.records import ingest as ingest_records
 
     db_path = paths.db_path(db)
     folder = records or default_records_dir(db_path)
@@ -205,26 +166,17 @@ def status(
     records: Optional[Path] = typer.Option(None, help="Records folder [default: records/ beside the database]."),
 ):
     """Progress of the last distributed sweep: done / failed / running / pending, from the record files."""
-    import json
-
-    from harness.records import PLAN, default_records_dir, read_records, running
+    from harness.records import default_records_dir, sweep_status
 
     folder = records or default_records_dir(paths.db_path(db))
-    if not (folder / PLAN).is_file():
-        raise HarnessError(f"No distributed sweep found in {folder} (no {PLAN}). Start one with `harness run --executor local|slurm`.")
-    plan = json.loads((folder / PLAN).read_text())["runs"]
-    latest = {r["config_hash"]: r for r in read_records(folder) if r["config_hash"] in plan}
-    in_flight = [m for m in running(folder) if m["config_hash"] in plan and m["config_hash"] not in latest]
-    done = sum(r["status"] == "ok" for r in latest.values())
-    failed = [r for r in latest.values() if r["status"] != "ok"]
+    state = sweep_status(folder)
     table = Table("done", "failed", "running", "pending", "total", title=f"sweep in {folder}")
-    pending = len(plan) - len(latest) - len(in_flight)
-    table.add_row(str(done), str(len(failed)), str(len(in_flight)), str(pending), str(len(plan)))
+    table.add_row(*(str(state[k]) for k in ("done", "failed", "running", "pending", "total")))
     console.print(table)
-    for m in in_flight:
+    for m in state["in_flight"]:
         console.print(f"{'[yellow]stale (worker gone)[/yellow]' if m['stale'] else 'running'}: {m['label']} (pid {m['pid']} on {m['host']})")
-    for r in failed:
-        console.print(f"[red]failed[/red] {plan[r['config_hash']]}: {r['error'].splitlines()[0]}")
+    for label, error in state["failures"]:
+        console.print(f"[red]failed[/red] {label}: {error}")
 
 
 @app.command("list")
@@ -313,7 +265,13 @@ def check(
     tolerance_floor: float = typer.Option(1.0, "--tolerance-floor", help="Smallest tolerance, in absolute top-1 points."),
 ):
     """Compare mean accuracy over seeds with a baseline; exit 1 on a regression beyond tolerance or a missing entry."""
-    from harness.regression import compare, current_numbers, print_report, read_baseline, write_baseline
+    from harness.regression import (
+        compare,
+        current_numbers,
+        print_report,
+        read_baseline,
+        write_baseline,
+    )
 
     if tolerance_floor < 0:
         raise HarnessError(f"--tolerance-floor must be >= 0 points, got {tolerance_floor}.")

@@ -16,17 +16,32 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import submitit
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
 
 from harness.errors import HarnessError
 from harness.grid import RunSpec
 from harness.paths import atomic_write_text
-from harness.records import PLAN, completed_in_records, read_records, write_record_file
+from harness.records import (
+    PLAN,
+    completed_in_records,
+    ingest,
+    read_records,
+    write_record_file,
+)
 
 
 @dataclass
@@ -136,7 +151,7 @@ def submit(
     return jobs
 
 
-def wait(jobs: list[submitit.Job], records: Path, total: int, since: str, console: Console) -> list[str]:
+def follow(jobs: list[submitit.Job], records: Path, total: int, since: str, console: Console) -> list[str]:
     """Show progress from the record files (those finished after `since`, ISO UTC) until every job
     ends; returns the errors of jobs that died."""
     progress = Progress(
@@ -158,3 +173,53 @@ def wait(jobs: list[submitit.Job], records: Path, total: int, since: str, consol
         if exc is not None:
             errors.append(f"job {job.job_id}: {str(exc).strip().splitlines()[-1]} (log: {job.paths.stderr})")
     return errors
+
+
+def run_distributed(
+    grid: list[RunSpec], done: set[str], executor: str, jobs: int, opts: ClusterOptions, *, records: Path, db: Path,
+    data_root: Path, weights_paths: dict, device: str, dry_run: bool, wait: bool, console: Console,
+) -> bool:
+    """Shard, submit, follow and ingest a sweep; returns True when a run or a job failed."""
+    from harness.published import load_published
+
+    todo = [s for s in grid if s.config_hash not in done]
+    if len(todo) < len(grid):
+        console.print(f"[dim]{len(grid) - len(todo)} of {len(grid)} runs already complete; skipping them (--force redoes them).[/dim]")
+    if not todo:
+        console.print("Nothing to do: every run of this grid is already stored.")
+        return False
+    shards = shard(todo, max(1, jobs))
+    table = Table("job", "runs", "backbone / dataset groups", title=f"{len(todo)} runs in {len(shards)} {executor} jobs")
+    for i, specs in enumerate(shards):
+        groups = dict.fromkeys(f"{s.backbone}/{s.dataset}" for s in specs)
+        table.add_row(str(i), str(len(specs)), ", ".join(groups))
+    console.print(table)
+    if dry_run:
+        console.print(f"Job parameters: {opts}. Records would go to {records}. Nothing submitted (--dry-run).")
+        return False
+    records.mkdir(parents=True, exist_ok=True)
+    write_plan(records, todo, shards)
+    since = datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
+    submitted = submit(shards, executor, records=records, data_root=data_root, weights_paths=weights_paths, device=device, opts=opts)
+    console.print(f"Submitted {len(submitted)} jobs ({', '.join(j.job_id for j in submitted)}); records go to {records}.")
+    if executor == "slurm" and not wait:
+        console.print("Follow them with `harness status`; collect the records with `harness ingest` (report and check also ingest).")
+        return False
+    try:
+        errors = follow(submitted, records, len(todo), since, console)
+    except KeyboardInterrupt:
+        if executor == "local":
+            for job in submitted:
+                job.cancel(check=False)
+        ingest(records, db)
+        raise HarnessError("Interrupted. Finished runs are stored; run the same command again to resume.") from None
+    ingest(records, db)
+    load_published(db)
+    mine = [r for r in read_records(records) if r["config_hash"] in {s.config_hash for s in todo} and r["finished_at"] >= since]
+    failed = [r for r in mine if r["status"] != "ok"]
+    console.print(f"{len(mine) - len(failed)} ok, {len(failed)} failed, {len(grid) - len(todo)} skipped. Database: {db}")
+    for line in errors:
+        console.print(f"[red]job died:[/red] {line}")
+    for r in failed:
+        console.print(f"[red]failed[/red] {r['method']} {r['dataset']} {r['shots']}-shot seed {r['seed']}: {r['error'].splitlines()[0]}")
+    return bool(failed or errors)

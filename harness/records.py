@@ -14,6 +14,7 @@ import socket
 from datetime import datetime
 from pathlib import Path
 
+from harness.errors import HarnessError
 from harness.paths import atomic_write_text
 from harness.store import connect, insert_record
 
@@ -84,3 +85,23 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+def sweep_status(records: Path) -> dict:
+    """Counts of the last planned sweep: done, failed, running (or stale), pending."""
+    plan_path = Path(records) / PLAN
+    if not plan_path.is_file():
+        raise HarnessError(f"No distributed sweep found in {records} (no {PLAN}). Start one with `harness run --executor local|slurm`.")
+    plan = json.loads(plan_path.read_text())["runs"]
+    latest = {r["config_hash"]: r for r in read_records(records) if r["config_hash"] in plan}
+    in_flight = [m for m in running(records) if m["config_hash"] in plan and m["config_hash"] not in latest]
+    failed = [r for r in latest.values() if r["status"] != "ok"]
+    return {
+        "done": len(latest) - len(failed),
+        "failed": len(failed),
+        "running": len(in_flight),
+        "pending": len(plan) - len(latest) - len(in_flight),
+        "total": len(plan),
+        "in_flight": in_flight,
+        "failures": [(plan[r["config_hash"]], (r.get("error") or "").splitlines()[0]) for r in failed],
+    }

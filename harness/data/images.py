@@ -17,8 +17,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from harness.data.readers import Item
 from harness.cache import cached_tensor, digest
+from harness.data.readers import Item
 from harness.errors import DataError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
