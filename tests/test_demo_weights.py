@@ -43,7 +43,9 @@ def test_demo_zero_shot_clearly_above_chance(tmp_path, demo_root):
     assert (runs["status"] == "ok").all()
     assert runs["weights"].str.startswith("tiny-demo:").all()
     top1 = dict(zip(runs["dataset"], runs["top1"]))
+    # The band the pre-training is designed for (scripts/pretrain_tiny.py): clearly above chance on
+    # every dataset, far from perfect (some class names are words the text tower never saw), so
+    # few-shot methods have room to beat zero-shot, as on the real benchmark.
     for dataset, acc in top1.items():
-        assert acc > CHANCE + 10, f"{dataset}: zero-shot {acc:.1f}% is not clearly above chance ({CHANCE:.1f}%)"
-    # Not near perfect on average, so few-shot methods have room to beat zero-shot (as on the real benchmark).
-    assert sum(top1.values()) / len(top1) < 90, top1
+        assert CHANCE + 10 < acc < 80, f"{dataset}: zero-shot {acc:.1f}% is outside the designed band (22.5-80%)"
+    assert 30 < sum(top1.values()) / len(top1) < 65, top1
