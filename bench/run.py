@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from rich.console import Console
 from rich.table import Table
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from bench.reference import ReferenceLoop
 from bench.synthetic import classnames, make_task, random_backbone, write_jpegs

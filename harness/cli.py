@@ -66,12 +66,7 @@ def run(
     from harness.cards import suite_cards, suites
     from harness.grid import build_grid, parse_sets
     from harness.records import default_records_dir, ingest
-    from harness.runner import (
-        load_datasets,
-        resolve_device,
-        resolve_precision,
-        run_sweep,
-    )
+    from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
     from harness.store import completed_hashes, write_record
     from methods import REGISTRY
 
@@ -265,13 +260,7 @@ def check(
     tolerance_floor: float = typer.Option(1.0, "--tolerance-floor", help="Smallest tolerance, in absolute top-1 points."),
 ):
     """Compare mean accuracy over seeds with a baseline; exit 1 on a regression beyond tolerance or a missing entry."""
-    from harness.regression import (
-        compare,
-        current_numbers,
-        print_report,
-        read_baseline,
-        write_baseline,
-    )
+    from harness.regression import compare, current_numbers, print_report, read_baseline, write_baseline
 
     if tolerance_floor < 0:
         raise HarnessError(f"--tolerance-floor must be >= 0 points, got {tolerance_floor}.")

@@ -22,26 +22,13 @@ from pathlib import Path
 import submitit
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from harness.errors import HarnessError
 from harness.grid import RunSpec
 from harness.paths import atomic_write_text
-from harness.records import (
-    PLAN,
-    completed_in_records,
-    ingest,
-    read_records,
-    write_record_file,
-)
+from harness.records import PLAN, completed_in_records, ingest, read_records, write_record_file
+from harness.runner import load_datasets, run_sweep, sweep_progress
 
 
 @dataclass
@@ -85,8 +72,6 @@ class ShardJob(submitit.helpers.Checkpointable):
         self.weights_paths, self.device, self.threads = weights_paths, device, threads
 
     def __call__(self) -> dict:
-        from harness.runner import load_datasets, run_sweep
-
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
         records = Path(self.records)
@@ -154,10 +139,7 @@ def submit(
 def follow(jobs: list[submitit.Job], records: Path, total: int, since: str, console: Console) -> list[str]:
     """Show progress from the record files (those finished after `since`, ISO UTC) until every job
     ends; returns the errors of jobs that died."""
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=console,
-    )
+    progress = sweep_progress(console)
     planned = set(json.loads((records / PLAN).read_text())["runs"])
     with progress:
         task = progress.add_task(f"{len(jobs)} jobs", total=total)

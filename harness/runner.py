@@ -22,14 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import harness
 from harness.backbones import Backbone, load_backbone
@@ -182,6 +175,14 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
     return record
 
 
+def sweep_progress(console: Console) -> Progress:
+    """Run i of n with elapsed time and ETA (and, per run, its training steps)."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=console,
+    )
+
+
 def run_sweep(
     grid: list[RunSpec],
     *,
@@ -203,10 +204,7 @@ def run_sweep(
     if not todo:
         console.print("Nothing to do: every run of this grid is already stored.")
         return result
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=console, transient=False,
-    )
+    progress = sweep_progress(console)
     backbone: Backbone | None = None
     test_sets: dict[str, ImageSet] = {}
     feature_cache: dict = {}

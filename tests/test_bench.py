@@ -22,14 +22,6 @@ from methods.lora import adapted_copy, adapted_modules, lora_factory
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_quick_benchmark_ends_with_json(tmp_path):
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--device", "cpu", "--out", str(tmp_path / "b.json")],

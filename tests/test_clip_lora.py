@@ -3,11 +3,11 @@
 import duckdb
 import pytest
 import torch
+from runs import run_method
 from typer.testing import CliRunner
 
 from harness.cli import app
 from methods import REGISTRY
-from runs import run_method
 
 
 def test_defaults_are_the_official_recipe():

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from runs import run_method
 
 from harness.backbones import encode_text
 from harness.cards import get_card
 from harness.data.fewshot import manifest_for
 from harness.runner import load_datasets
 from methods import ImageSet, Task
-from runs import run_method
 from methods.coop import CoOp, PromptLearner, coop_lr, epochs_for_shots
 
 SOS, EOT, X = 49406, 49407, 343  # CLIP BPE ids of <start_of_text>, <end_of_text>, "x</w>"

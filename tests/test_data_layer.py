@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from coop_layout import make_fgvc, make_imagenet, make_split_json
+
 from harness.cards import get_card, suite_cards
 from harness.data.check import check_dataset
 from harness.data.fewshot import sample_fewshot

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import duckdb
+
 from harness.cli import run_cli
 from harness.records import ingest, read_records, write_record_file
 

@@ -6,9 +6,9 @@ import time
 
 import duckdb
 import torch
+from coop_layout import make_fgvc, make_imagenet, make_split_json
 from safetensors.torch import save_file
 
-from coop_layout import make_fgvc, make_imagenet, make_split_json
 from harness.backbones import build_tiny
 from harness.cli import run_cli
 from methods import REGISTRY

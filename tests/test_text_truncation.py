@@ -11,14 +11,6 @@ from methods.lora import adapted_copy, lora_factory
 PROMPTS = ["a photo of a cat.", "x", "a photo of a large red double-decker bus parked beside a very old stone bridge at dusk."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from runs import run_method
 
 import methods.tip_adapter as tip
 from harness.data.fewshot import manifest_for
 from harness.runner import load_datasets
 from methods import ImageSet, Task
-from runs import run_method
 
 
 def test_logit_formula_on_hand_made_features():
