@@ -1,12 +1,7 @@
 """Methods: one file each, registered by name. Adding a method = one file + one import line here."""
+# ruff: noqa: I001  (registration order is the listing order)
 
-from methods import (  # noqa: F401  (registers)  # noqa: F401  (registers)
-    block_lora,
-    clip_lora,
-    coop,
-    tip_adapter,
-    zero_shot,  # noqa: F401  (registers)
-)
 from methods.base import REGISTRY, ImageSet, Method, Task, register
+from methods import zero_shot, coop, tip_adapter, clip_lora, block_lora  # noqa: F401  (registers)
 
 __all__ = ["REGISTRY", "ImageSet", "Method", "Task", "register"]
