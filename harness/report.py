@@ -482,6 +482,7 @@ def provenance(agg: Aggregate) -> dict:
         groups.append({"suite": suite, "backbone": backbone, "weights": _counts(group["weights"]), "device": _counts(group["device"]),
                        "precision": _counts(group["precision"]), "git_sha": _counts(group["git_sha"].str.slice(0, 12)),
                        "harness_version": _counts(group["harness_version"]),
+                       "packages": _counts(group["packages"]) if "packages" in group else "unknown",
                        "period": f"{group['started_at'].min():%Y-%m-%d %H:%M} \u2192 {group['finished_at'].max():%Y-%m-%d %H:%M}"
                        if group["started_at"].notna().any() and group["finished_at"].notna().any() else "\u2013"})
     versions = []

@@ -8,6 +8,7 @@ a method that crashes or diverges is stored as `failed` and the sweep goes on.
 
 from __future__ import annotations
 
+import platform
 import random
 import resource
 import subprocess
@@ -16,6 +17,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +47,15 @@ class SweepResult:
     failures: list[str] = field(default_factory=list)
 
 
+@lru_cache(maxsize=1)
+def package_versions() -> str:
+    from importlib import metadata
+
+    names = ("torch", "torchvision", "open_clip_torch", "numpy")
+    return ", ".join(f"{n} {metadata.version(n)}" for n in names) + f", python {platform.python_version()}"
+
+
+@lru_cache(maxsize=1)
 def git_sha() -> str:
     try:
         out = subprocess.run(
@@ -127,6 +138,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         "device": device_label(device),
         "harness_version": harness.__version__,
         "git_sha": git_sha(),
+        "packages": package_versions(),
         "started_at": datetime.now(timezone.utc).replace(tzinfo=None),
         "n_test": len(test),
     }

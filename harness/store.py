@@ -40,6 +40,7 @@ COLUMNS = {
     "started_at": "TIMESTAMP",
     "finished_at": "TIMESTAMP",
     "error": "VARCHAR",
+    "packages": "VARCHAR",  # versions of the libraries that produced the number
 }
 
 
@@ -60,6 +61,9 @@ def connect(path: Path, read_only: bool = False):
         if not read_only:
             columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns})")
+            for name, kind in COLUMNS.items():  # databases written by an older harness gain new columns
+                if "PRIMARY" not in kind:
+                    con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {name} {kind}")
         yield con
     finally:
         con.close()

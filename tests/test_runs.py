@@ -30,6 +30,10 @@ def test_demo_zero_shot_sweep_stores_runs_and_resumes(tmp_path, capsys):
     stored = rows(db)
     assert len(stored) == 3 * 3  # 3 demo datasets x 3 seeds, zero-shot at shots=0
     assert all(r[4] == "ok" and 0 <= r[5] <= 100 for r in stored)
+    con = duckdb.connect(str(db), read_only=True)
+    provenance = con.execute("SELECT DISTINCT packages, harness_version, device, precision FROM runs").fetchall()
+    con.close()
+    assert len(provenance) == 1 and "open_clip_torch" in provenance[0][0] and provenance[0][2:] == ("cpu", "fp32")
     capsys.readouterr()
     assert run_cli(["run", "--suite", "demo", "-m", "zero_shot", "--all-datasets", "--db", str(db)]) == 0
     out = capsys.readouterr().out
