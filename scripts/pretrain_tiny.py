@@ -34,8 +34,8 @@ concepts are known by other words than the benchmark's class names:
   the learned temperature the tiny model stays near 15, its image-text cosines spread so widely that
   Tip-Adapter's cache and CLIP-LoRA's fixed scale of 100 could not work as they do on real CLIP.
 
-The pictures come from the demo generators' own drawing code (harness/data/demo.py: _draw_shape,
-_texture, the palette) but are composed here, with their attributes known, and never are the demo
+The pictures come from the demo generators' own drawing code (harness/data/demo.py: draw_shape,
+texture_mask, the palette) but are composed here, with their attributes known, and never are the demo
 datasets' own: those are drawn by demo.generate() from default_rng(crc32(card name) +
 GENERATOR_VERSION), i.e. a SeedSequence with an integer entropy and no spawn key; every stream here is
 a SeedSequence with its own entropy (PRETRAIN_ENTROPY) *and* a non-empty spawn key.
@@ -61,7 +61,7 @@ from safetensors.torch import save_file
 
 from harness.backbones import TINY_WEIGHTS, build_tiny, encode_text
 from harness.cards import suite_cards
-from harness.data.demo import COLOURS, SHAPES, SIZE, TEXTURES, _draw_shape, _texture
+from harness.data.demo import COLOURS, SHAPES, SIZE, TEXTURES, draw_shape, texture_mask
 from harness.data.images import eval_view, normalize
 
 PRETRAIN_ENTROPY = 0x7E57_C11B_DE30  # arbitrary, > 32 bits; see the module docstring
@@ -117,7 +117,7 @@ def draw_object(rng: np.random.Generator, cfg: Config):
     else:
         bg = tuple(int(c) for c in rng.integers(60, 200, size=3))
     img = Image.new("RGB", (SIZE, SIZE), bg)
-    _draw_shape(ImageDraw.Draw(img), shape, rng, fill)
+    draw_shape(ImageDraw.Draw(img), shape, rng, fill)
     return img, {"shape": shape, "colour": colour}
 
 
@@ -130,7 +130,7 @@ def draw_texture(rng: np.random.Generator, cfg: Config):
     else:
         fg = tuple(int(c) for c in rng.integers(0, 256, size=3))
     bg = tuple(int(c) for c in rng.integers(60, 200, size=3))
-    mask = _texture(texture, rng)
+    mask = texture_mask(texture, rng)
     arr = np.where(mask[..., None], np.array(fg, np.uint8), np.array(bg, np.uint8))
     return Image.fromarray(arr.astype(np.uint8)), {"texture": texture, "colour": colour}
 

@@ -179,3 +179,27 @@ def test_corrupt_test_image_stops_with_exit_2_naming_the_file(tmp_path, capsys):
     code = run_cli(["run", "-m", "zero_shot", "-d", "eurosat", "-b", "tiny", "--seeds", "1", "--data-root", str(tmp_path), "--db", str(tmp_path / "d.duckdb")])
     assert code == 2
     assert "test_2.jpg" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_sigint_mid_sweep_in_a_real_process(tmp_path, demo_root):
+    """Ctrl-C as a user sends it: exit 2 with a message, finished runs kept, the rerun completes the rest."""
+    import os
+    import signal
+
+    db = tmp_path / "d.duckdb"
+    cmd = [sys.executable, "-m", "harness", "run", "--suite", "demo", "-m", "coop", "-d", "demo_shapes", "--shots", "1,2,4,8,16",
+           "--seeds", "1", "--db", str(db)]
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # the first finished run
+        if line.startswith("ok coop"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "Interrupted" in err and "Traceback" not in err
+    kept = rows(db)
+    assert 1 <= len(kept) < 5 and all(r[4] == "ok" for r in kept)
+    assert subprocess.run(cmd, capture_output=True, text=True, env=env).returncode == 0
+    final = rows(db)
+    assert len(final) == 5 and len({r[2] for r in final}) == 5

@@ -47,7 +47,7 @@ def _polygon(cx, cy, r, n, rot, inner=None):
     return pts
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, rng: np.random.Generator, fill) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, rng: np.random.Generator, fill) -> None:
     r = rng.uniform(14, 24)
     cx, cy = rng.uniform(r + 2, SIZE - r - 2, size=2)
     rot = rng.uniform(0, 2 * math.pi)
@@ -72,7 +72,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, rng: np.random.Generator,
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
 
 
-def _texture(name: str, rng: np.random.Generator) -> np.ndarray:
+def texture_mask(name: str, rng: np.random.Generator) -> np.ndarray:
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     period = rng.uniform(6, 12)
     phase = rng.uniform(0, period)
@@ -104,7 +104,7 @@ def draw_image(generator: str, cls: str, rng: np.random.Generator) -> Image.Imag
     bg = tuple(int(c) for c in rng.integers(60, 200, size=3))
     if generator == "textures":
         fg = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        mask = _texture(cls, rng)
+        mask = texture_mask(cls, rng)
         arr = np.where(mask[..., None], np.array(fg, np.uint8), np.array(bg, np.uint8))
         img = Image.fromarray(arr.astype(np.uint8))
     else:
@@ -117,7 +117,7 @@ def draw_image(generator: str, cls: str, rng: np.random.Generator) -> Image.Imag
             fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
             shape = cls
         img = Image.new("RGB", (SIZE, SIZE), bg)
-        _draw_shape(ImageDraw.Draw(img), shape, rng, fill)
+        draw_shape(ImageDraw.Draw(img), shape, rng, fill)
     noise = rng.normal(0, 8, size=(SIZE, SIZE, 3))
     return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
 
