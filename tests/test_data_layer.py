@@ -129,3 +129,17 @@ def test_corrupt_image_is_a_data_error(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(DataError, match="corrupt"):
         load_rgb(bad)
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (333, 777), (64, 64)])
+def test_eval_pixels_equal_open_clips_own_preprocess(shape):
+    import numpy as np
+    import torch
+    from open_clip.transform import image_transform
+    from PIL import Image
+
+    from harness.data.images import normalize
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (*shape, 3), dtype=np.uint8))
+    ours = normalize(eval_view(img, 224)[None], "cpu")[0]
+    assert torch.allclose(ours, image_transform(224, is_train=False)(img), atol=1e-5)

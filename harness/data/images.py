@@ -40,11 +40,9 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def eval_view(img: Image.Image, size: int) -> torch.Tensor:
-    """CLIP's test transform up to normalisation: bicubic resize of the shorter side, centre crop."""
-    w, h = img.size
-    scale = size / min(w, h)
-    if (w, h) != (size, size):
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    """CLIP's test transform up to normalisation, with torchvision's own ops as open_clip uses them:
+    bicubic resize of the shorter side to `size`, then a centre crop."""
+    img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
     return to_tensor(TF.center_crop(img, [size, size]))
 
 
