@@ -29,6 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from bench.reference import ReferenceLoop
 from bench.synthetic import classnames, make_task, random_backbone, write_jpegs
 from bench.timing import Sections, peak_mb, reset_peak, sync, timed
+from bench.utilisation import peak_tflops, vision_utilisation
 from methods import REGISTRY
 from methods.base import Task
 
@@ -249,6 +250,10 @@ def run_benchmark(args, console: Console) -> dict:
     try:
         for bb_name in args.backbones:
             backbone = random_backbone(bb_name, dev)
+            util = vision_utilisation(backbone, args.util_batch, 3 if args.quick else 20, precision, peak_tflops(dev, args.peak_tflops))
+            results.setdefault("vision_utilisation", {})[bb_name] = util
+            console.print(f"[dim]{bb_name} vision fwd+bwd (batch {util['batch']}): {util['tflops']:.2f} TFLOP/s"
+                          + (f", {100 * util['peak_fraction']:.0f} % of {util['peak_tflops']:.0f} peak" if util["peak_fraction"] else "") + "[/dim]")
             size = backbone.image_size
             img_size = (max(48, 2 * size), max(40, int(1.6 * size))) if args.quick else (500, 375)
             for classes in args.classes:
@@ -364,6 +369,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None, help="timed training steps per measurement")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--split-steps", type=int, default=None, help="steps timed section by section")
+    p.add_argument("--util-batch", type=int, default=None, help="batch of the vision utilisation measurement (default 256; quick 32)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not in bench/utilisation.py")
     p.add_argument("--pool", type=int, default=None, help="synthetic JPEGs per (backbone, classes)")
     p.add_argument("--test-images", type=int, default=None, help="images evaluated for eval throughput")
     p.add_argument("--ref-workers", type=int, default=None, help="DataLoader workers of the reference loop (default: 0 on CPU, min(8, cores) on CUDA)")
@@ -382,6 +389,7 @@ def main(argv=None) -> None:
     args.classes = [int(c) for c in (args.classes or ("10" if q else "100,1000")).split(",")]
     args.methods = (args.methods or ",".join(ALL_METHODS)).split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.util_batch = args.util_batch or (32 if q else 256)
     defaults = {"steps": (30, 30), "warmup": (3, 5), "split_steps": (10, 10), "pool": (64, 1024), "test_images": (128, 2048)}
     for k, (quick_v, full_v) in defaults.items():
         if getattr(args, k) is None:
@@ -425,6 +433,9 @@ def summary_line(results: dict) -> dict:
         out.update(accuracy_dataset=a["dataset"], accuracy_steps=a["steps"],
                    accuracy_harness_top1=[round(v, 2) for v in a["harness_top1"]], accuracy_reference_top1=[round(v, 2) for v in a["reference_top1"]],
                    accuracy_harness_mean=round(a["harness_top1_mean"], 2), accuracy_reference_mean=round(a["reference_top1_mean"], 2))
+    for name, u in results.get("vision_utilisation", {}).items():
+        out.setdefault("vision_tflops", {})[name] = round(u["tflops"], 3)
+        out.setdefault("vision_peak_fraction", {})[name] = round(u["peak_fraction"], 3) if u["peak_fraction"] else None
     out["wall_s"] = round(results.get("wall_s", 0), 1)
     return out
 

@@ -29,6 +29,7 @@ def test_quick_benchmark_ends_with_json(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["speedup_vs_reference"] > 0
+    assert summary["vision_tflops"]["tiny"] > 0 and summary["vision_peak_fraction"]["tiny"] is None  # no peak known on CPU
     assert summary["harness_train_images_per_s"] > 0 and summary["reference_train_images_per_s"] > 0
     assert "GradScaler disabled" in summary["reference_precision"]  # CPU: fp32, said so
     full = json.loads((tmp_path / "b.json").read_text())
@@ -121,3 +122,11 @@ def test_train_originals_are_decoded_once_and_shared(tmp_path, monkeypatch):
     monkeypatch.setattr(base, "ORIGINALS_CACHE_MB", 0)  # over budget: only the set in use is kept
     other = task(items[:2]).train_originals()
     assert list(cache.values()) == [other]
+
+
+def test_vision_utilisation_counts_flops_and_scales_by_peak(tiny):
+    from bench.utilisation import peak_tflops, vision_utilisation
+
+    assert peak_tflops(torch.device("cpu")) is None and peak_tflops(torch.device("cpu"), 100.0) == 100.0
+    u = vision_utilisation(tiny, batch=4, steps=1, precision="fp32", peak=1.0)
+    assert u["gflop_per_step"] > 0 and u["peak_fraction"] == pytest.approx(u["tflops"] / 1.0)
