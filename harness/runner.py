@@ -110,9 +110,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start a run's peak-memory window: CUDA's allocator peak, or Linux's process high-water mark."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+    except OSError:
+        pass  # elsewhere the figure is the process's peak so far
+
+
 def peak_memory_mb(device: str) -> float:
+    """GPU peak allocated on CUDA; the process's peak resident memory since reset_peak_memory on CPU."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -143,8 +161,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         "n_test": len(test),
     }
     seed_everything(spec.seed)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     size = backbone.image_size
     if spec.shots > 0:
         manifest = manifest_for(splits, spec.shots, spec.seed)

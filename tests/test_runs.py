@@ -5,6 +5,7 @@ import sys
 import time
 
 import duckdb
+import pytest
 import torch
 from coop_layout import make_fgvc, make_imagenet, make_split_json
 from safetensors.torch import save_file
@@ -203,3 +204,29 @@ def test_sigint_mid_sweep_in_a_real_process(tmp_path, demo_root):
     assert subprocess.run(cmd, capture_output=True, text=True, env=env).returncode == 0
     final = rows(db)
     assert len(final) == 5 and len({r[2] for r in final}) == 5
+
+
+class Hungry(Method):
+    """Holds ~400 MB during fit on one dataset only."""
+
+    name = "hungry"
+    paper = "test double"
+
+    def fit(self, task):
+        if task.card.name == "demo_colours":
+            block = torch.ones(100_000_000)  # 400 MB, touched
+            assert float(block[-1]) == 1.0
+
+    def predict(self, task, images):
+        return torch.zeros(len(images), len(task.classnames))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-run CPU peak uses Linux's VmHWM reset")
+def test_cpu_peak_memory_is_per_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(REGISTRY, "hungry", Hungry)
+    db = tmp_path / "d.duckdb"
+    assert run_cli(["run", "--suite", "demo", "-m", "hungry", "-d", "demo_colours,demo_shapes", "--shots", "1", "--seeds", "1", "--db", str(db)]) == 0
+    con = duckdb.connect(str(db), read_only=True)
+    peak = dict(con.execute("SELECT dataset, peak_mem_mb FROM runs").fetchall())
+    con.close()
+    assert peak["demo_colours"] - peak["demo_shapes"] > 300  # the later, small run does not inherit the big one's peak
