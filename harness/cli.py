@@ -79,13 +79,15 @@ def run(
     backbones = _split(backbone) or [suites()[suite]["default_backbone"]]
     if weights and len(backbones) > 1:
         raise HarnessError("--weights applies to one backbone; run each backbone with its own --weights.")
-    datasets = load_datasets(names, paths.data_root(data_root))  # first: missing data is the likeliest problem
+    root = paths.data_root(data_root)
+    datasets = load_datasets(names, root)  # first: missing data is the likeliest problem
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     identities = {b: resolve_weights(b, weights)[1] for b in backbones}
     grid = build_grid(methods, names, suite, _ints(shots, "--shots"), _ints(seeds, "--seeds"), identities, prec, parse_sets(set_ or []))
     db_path = paths.db_path(db)
     records_dir = records or default_records_dir(db_path)
+    weights_paths = {b: weights for b in backbones}
     if executor not in ("serial", "local", "slurm"):
         raise HarnessError(f"--executor must be serial, local or slurm, not '{executor}'.")
     if dry_run and executor == "serial":
@@ -102,8 +104,8 @@ def run(
 
         opts = ClusterOptions(partition, gpus_per_job, cpus_per_job, mem_gb, time_min, array_parallelism, account, qos)
         failed = run_distributed(
-            grid, done, executor, jobs, opts, records=records_dir, db=db_path, data_root=paths.data_root(data_root),
-            weights_paths={b: weights for b in backbones}, device=dev, dry_run=dry_run, wait=wait, console=console,
+            grid, done, executor, jobs, opts, records=records_dir, db=db_path, data_root=root,
+            weights_paths=weights_paths, device=dev, dry_run=dry_run, wait=wait, console=console,
         )
         if failed:
             raise typer.Exit(1)
@@ -114,7 +116,7 @@ def run(
             datasets=datasets,
             done=done,
             store=lambda record: write_record(db_path, record),
-            weights_paths={b: weights for b in backbones},
+            weights_paths=weights_paths,
             device=dev,
             console=console,
         )
@@ -137,8 +139,7 @@ def _ingest_pending(db_path: Path) -> None:
     from harness.records import default_records_dir
     from harness.records import ingest as ingest_records
 
-    if default_records_dir(db_path).is_dir():
-        ingest_records(default_records_dir(db_path), db_path)
+    ingest_records(default_records_dir(db_path), db_path)  # nothing to do without a records folder
 
 
 @app.command()

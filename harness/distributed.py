@@ -197,7 +197,8 @@ def run_distributed(
         raise HarnessError("Interrupted. Finished runs are stored; run the same command again to resume.") from None
     ingest(records, db)
     load_published(db)
-    mine = [r for r in read_records(records) if r["config_hash"] in {s.config_hash for s in todo} and r["finished_at"] >= since]
+    planned = {s.config_hash for s in todo}
+    mine = [r for r in read_records(records) if r["config_hash"] in planned and r["finished_at"] >= since]
     failed = [r for r in mine if r["status"] != "ok"]
     console.print(f"{len(mine) - len(failed)} ok, {len(failed)} failed, {len(grid) - len(todo)} skipped. Database: {db}")
     for line in errors:

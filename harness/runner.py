@@ -235,7 +235,7 @@ def run_sweep(
         return result
     progress = sweep_progress(console)
     backbone: Backbone | None = None
-    test_sets: dict[str, ImageSet] = {}
+    test: ImageSet | None = None  # the current dataset's test split; runs are grouped by backbone, then dataset
     feature_cache: dict = {}
     with progress:
         overall = progress.add_task("runs", total=len(todo))
@@ -243,13 +243,11 @@ def run_sweep(
             if backbone is None or backbone.name != spec.backbone:
                 progress.update(overall, description=f"loading {spec.backbone}")
                 backbone = load_backbone(spec.backbone, weights_paths.get(spec.backbone), device)
-                test_sets.clear()
-                feature_cache.clear()
+                test = None
             splits = datasets[spec.dataset]
-            if spec.dataset not in test_sets:
-                test_sets.clear()
+            if test is None or test.dataset != spec.dataset:
                 feature_cache.clear()
-                test_sets[spec.dataset] = ImageSet(splits.root, spec.dataset, splits.test, backbone.image_size)
+                test = ImageSet(splits.root, spec.dataset, splits.test, backbone.image_size)
             progress.update(overall, description=f"run {i}/{len(todo)} {spec.label}")
             inner = None
 
@@ -261,7 +259,7 @@ def run_sweep(
                 return Steps(lambda n, t=inner: progress.advance(t, n))
 
             marker = mark_running(running_dir, spec.config_hash, spec.label) if running_dir else None
-            record = run_one(spec, backbone, splits, test_sets[spec.dataset], feature_cache, start_steps)
+            record = run_one(spec, backbone, splits, test, feature_cache, start_steps)
             if inner is not None:
                 progress.remove_task(inner)
             store(record)

@@ -110,7 +110,7 @@ class CoOp(Method):
         epochs = hp["epochs"] or epochs_for_shots(task.shots)
         self.epochs = max(1, round(epochs * hp["epoch_scale"]))
 
-        images = [img.to(task.device) for img in task.train.originals()]
+        images = task.train_originals()  # decoded once per few-shot set, on the device
         labels = task.train.labels.to(task.device)
         n, bs = len(images), hp["batch_size"]
         drop_last = n >= bs  # Dassl: drop_last only when the set fills at least one batch

@@ -110,7 +110,7 @@ class TipAdapter(Method):
     def fit(self, task: Task) -> None:
         hp = self.hp
         self.clip_weights = task.text_classifier(task.card.ensemble)  # [C, D]
-        images = [img.to(task.device) for img in task.train.originals()]
+        images = task.train_originals()  # decoded once per few-shot set, on the device
         views = torch.stack([augmented_features(task, images, tuple(hp["crop_scale"])) for _ in range(hp["augment_views"])])
         self.keys = average_views(views)  # [NK, D]
         self.values = F.one_hot(task.train.labels, len(task.classnames)).float().to(task.device)  # [NK, C]
