@@ -102,15 +102,18 @@ def word(gen: str, cls: str, cfg: Config) -> str:
     return cfg.aliases.get(gen, {}).get(cls, cls)
 
 
+def pick_colour(rng: np.random.Generator) -> tuple[str | None, tuple[int, ...]]:
+    """A named palette colour (jittered) half of the time, else an unnamed random one."""
+    if rng.random() < 0.5:
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        return colour, tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in COLOURS[colour])
+    return None, tuple(int(c) for c in rng.integers(0, 256, size=3))
+
+
 def draw_object(rng: np.random.Generator, cfg: Config):
     """A shape on a background; its fill is a named palette colour half of the time."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    colour = None
-    if rng.random() < 0.5:
-        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-        fill = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in COLOURS[colour])
-    else:
-        fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    colour, fill = pick_colour(rng)
     if rng.random() < 0.5:
         gray = int(rng.integers(70, 190))
         bg = (gray, gray, gray)
@@ -123,12 +126,7 @@ def draw_object(rng: np.random.Generator, cfg: Config):
 
 def draw_texture(rng: np.random.Generator, cfg: Config):
     texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
-    colour = None
-    if rng.random() < 0.5:
-        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-        fg = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in COLOURS[colour])
-    else:
-        fg = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    colour, fg = pick_colour(rng)
     bg = tuple(int(c) for c in rng.integers(60, 200, size=3))
     mask = texture_mask(texture, rng)
     arr = np.where(mask[..., None], np.array(fg, np.uint8), np.array(bg, np.uint8))
