@@ -30,6 +30,13 @@ def _ints(value: str, option: str) -> list[int]:
         raise HarnessError(f"{option} expects comma-separated integers, got '{value}'.") from None
 
 
+def check_sampler(name: str) -> None:
+    from harness.data.fewshot import SAMPLERS
+
+    if name not in SAMPLERS:
+        raise HarnessError(f"--sampler must be one of {', '.join(SAMPLERS)}, not '{name}'.")
+
+
 @app.command()
 def run(
     method: Optional[list[str]] = typer.Option(None, "-m", "--method", help="Method name(s), comma-separated."),
@@ -44,6 +51,8 @@ def run(
     data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout [env HARNESS_DATA_ROOT, default ./data]."),
     db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Hyper-parameter override KEY=VALUE, repeatable."),
+    sampler: str = typer.Option("coop", help="Few-shot sampling protocol: coop (CoOp/Dassl) or clip_lora (CLIP-LoRA's code)."),
+    splits: Optional[Path] = typer.Option(None, help="Read few-shot subsets from split files under DIR/<dataset folder>/split_fewshot/ instead of sampling."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."),
     force: bool = typer.Option(False, "--force", help="Redo runs that are already complete."),
@@ -84,7 +93,20 @@ def run(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     identities = {b: resolve_weights(b, weights)[1] for b in backbones}
-    grid = build_grid(methods, names, suite, _ints(shots, "--shots"), _ints(seeds, "--seeds"), identities, prec, parse_sets(set_ or []))
+    shot_list, seed_list = _ints(shots, "--shots"), _ints(seeds, "--seeds")
+    check_sampler(sampler)
+    split_hashes = None
+    if splits is not None:  # every split file is read and validated before any run
+        from harness.data.splitfiles import read_split_files
+
+        split_hashes = {
+            (name, k, s): read_split_files(datasets[name], splits, k, s)[1]
+            for name in names for k in shot_list if k > 0 for s in seed_list
+        }
+    grid = build_grid(
+        methods, names, suite, shot_list, seed_list, identities, prec, parse_sets(set_ or []),
+        sampler=sampler, split_hashes=split_hashes, splits_dir=str(splits.resolve()) if splits else None,
+    )
     db_path = paths.db_path(db)
     records_dir = records or default_records_dir(db_path)
     weights_paths = {b: weights for b in backbones}
@@ -227,6 +249,7 @@ def data_manifest(
     dataset: str = typer.Option(..., "-d", "--dataset", help="Dataset name."),
     shots: int = typer.Option(..., help="Shots per class (K)."),
     seed: int = typer.Option(..., help="Sampling seed."),
+    sampler: str = typer.Option("coop", help="coop (CoOp/Dassl) or clip_lora (CLIP-LoRA's code)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout [env HARNESS_DATA_ROOT, default ./data]."),
 ):
     """Print the few-shot subset (train and val paths and labels) as JSON."""
@@ -235,8 +258,9 @@ def data_manifest(
 
     if shots < 1:
         raise HarnessError("--shots must be at least 1.")
+    check_sampler(sampler)
     splits = load_datasets([dataset], paths.data_root(data_root))[dataset]
-    print(manifest_for(splits, shots, seed).to_json())
+    print(manifest_for(splits, shots, seed, sampler).to_json())
 
 
 @app.command()

@@ -34,10 +34,17 @@ class RunSpec:
     precision: str
     hparams: dict = field(hash=False, compare=False)
     overrides: dict = field(hash=False, compare=False)  # the suite-level overrides that were applied
+    sampler: str = "coop"  # how the few-shot subset is drawn: coop | clip_lora | files
+    splits_dir: str | None = field(default=None, hash=False, compare=False)  # --splits DIR (sampler "files")
+    splits_hash: str | None = None  # sha256 of the split files: their content, not their path, is the identity
 
     @property
     def config(self) -> dict:
+        subset = {}
+        if self.shots > 0:  # zero-shot runs use no few-shot subset
+            subset = {"sampler": self.sampler} | ({"split_files_sha256": self.splits_hash} if self.splits_hash else {})
         return {
+            **subset,
             "protocol": PROTOCOL_VERSION,
             "method": self.method,
             "hparams": self.hparams,
@@ -93,6 +100,9 @@ def build_grid(
     backbones: dict[str, str],  # backbone name -> weights identity
     precision: str,
     sets: dict,
+    sampler: str = "coop",
+    split_hashes: dict[tuple[str, int, int], str] | None = None,  # (dataset, shots, seed) -> sha256, for --splits
+    splits_dir: str | None = None,
 ) -> list[RunSpec]:
     for name in methods:
         method_class(name)
@@ -105,8 +115,17 @@ def build_grid(
         for dataset in datasets:
             for method in methods:
                 hp, overrides = resolve_hparams(method, dataset, suite, sets)
+                problem = REGISTRY[method].config_error(hp, get_card(dataset))
+                if problem:
+                    raise HarnessError(f"{method} on {dataset}: {problem}")
                 method_shots = shots if REGISTRY[method].uses_shots else [0]
                 for k in method_shots:
                     for seed in seeds:
-                        grid.append(RunSpec(method, dataset, backbone, k, seed, suite, weights, precision, hp, overrides))
+                        files = split_hashes is not None and k > 0
+                        grid.append(RunSpec(
+                            method, dataset, backbone, k, seed, suite, weights, precision, hp, overrides,
+                            sampler="files" if files else sampler,
+                            splits_dir=splits_dir if files else None,
+                            splits_hash=split_hashes[(dataset, k, seed)] if files else None,
+                        ))
     return grid

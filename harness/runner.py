@@ -32,6 +32,7 @@ from harness.cards import get_card
 from harness.data.demo import ensure_demo
 from harness.data.fewshot import manifest_for
 from harness.data.readers import DatasetSplits, read_dataset
+from harness.data.splitfiles import read_split_files
 from harness.errors import DataError, HarnessError
 from harness.grid import RunSpec
 from harness.records import mark_running
@@ -164,7 +165,10 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
     reset_peak_memory(device)
     size = backbone.image_size
     if spec.shots > 0:
-        manifest = manifest_for(splits, spec.shots, spec.seed)
+        if spec.splits_dir:
+            manifest, _ = read_split_files(splits, Path(spec.splits_dir), spec.shots, spec.seed)
+        else:
+            manifest = manifest_for(splits, spec.shots, spec.seed, spec.sampler)
         train = ImageSet(splits.root, spec.dataset, manifest.train, size)
         val = ImageSet(splits.root, spec.dataset, manifest.val, size)
         record["config"] = {**spec.config, "manifest_hash": manifest.content_hash}
@@ -180,6 +184,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         train=train,
         val=val,
         test=test,
+        full_val=ImageSet(splits.root, spec.dataset, splits.val, size),
         start_steps=start_steps,
         feature_cache=feature_cache,
     )

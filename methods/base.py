@@ -56,6 +56,11 @@ class Method:
     def trainable_parameters(self) -> int:
         return 0
 
+    @classmethod
+    def config_error(cls, hp: dict, card: DatasetCard) -> str | None:
+        """Why this resolved config cannot run on this dataset (checked before any run), or None."""
+        return None
+
 
 @dataclass
 class ImageSet:
@@ -106,8 +111,9 @@ class Task:
     backbone: Backbone
     precision: str  # fp32 | bf16 | fp16 (autocast dtype on CUDA)
     train: ImageSet
-    val: ImageSet
+    val: ImageSet  # the few-shot val subset
     test: ImageSet
+    full_val: ImageSet | None = None  # the dataset's whole val split (empty for ImageNet)
     start_steps: Callable[[int, str], Steps] = lambda total, desc: Steps()
     feature_cache: dict = field(default_factory=dict)
 

@@ -10,7 +10,7 @@ from coop_layout import make_fgvc, make_imagenet, make_split_json
 
 from harness.cards import get_card, suite_cards
 from harness.data.check import check_dataset
-from harness.data.fewshot import sample_fewshot
+from harness.data.fewshot import sample_clip_lora, sample_coop
 from harness.data.images import eval_view, load_rgb
 from harness.data.readers import read_dataset
 from harness.errors import DataError
@@ -53,32 +53,70 @@ def test_imagenet_reader_uses_val_as_test(tmp_path):
     assert splits.classnames == ["tench", "goldfish", "great white shark"]
 
 
-def test_fewshot_follows_dassl_sampling(tmp_path):
+def dassl_reference(items, k):
+    """Dassl's generate_fewshot_dataset (repeat=True), written independently of the harness."""
+    from collections import defaultdict
+
+    groups = defaultdict(list)
+    for it in items:
+        groups[it.label].append(it)
+    out = []
+    for group in groups.values():
+        out.extend(random.sample(group, k) if len(group) >= k else random.choices(group, k=k))
+    return out
+
+
+def test_coop_sampler_follows_dassl(tmp_path):
     make_split_json(tmp_path, per_split=(10, 6, 2))
     splits = read_dataset(get_card("eurosat"), tmp_path)
-    m = sample_fewshot(splits, shots=4, seed=1)
-    # Reference: seed, then random.sample per label in order of first appearance, train then val.
-    random.seed(1)
-    groups = {}
-    for it in splits.train:
-        groups.setdefault(it.label, []).append(it)
-    expected = [x for g in groups.values() for x in random.sample(g, 4)]
-    assert m.train == expected
-    assert [sum(i.label == c for i in m.val) for c in range(3)] == [4, 4, 4]
-    two = sample_fewshot(splits, shots=2, seed=1)
+    m = sample_coop(splits, shots=4, seed=1)
+    random.seed(1)  # CoOp: train first, then val (min(K, 4)), one stream
+    assert m.train == dassl_reference(splits.train, 4)
+    assert m.val == dassl_reference(splits.val, 4)
+    two = sample_coop(splits, shots=2, seed=1)
     assert [sum(i.label == c for i in two.val) for c in range(3)] == [2, 2, 2]
-    assert sample_fewshot(splits, shots=4, seed=2).train != m.train
-    big = sample_fewshot(splits, shots=16, seed=1)  # fewer items than K: keep them all
-    assert len(big.train) == 30
+    assert sample_coop(splits, shots=4, seed=2).train != m.train
+    big = sample_coop(splits, shots=16, seed=1)  # fewer items than K: padded with replacement (repeat=True)
+    random.seed(1)
+    assert big.train == dassl_reference(splits.train, 16) and len(big.train) == 48
 
 
-def test_imagenet_fewshot_draws_val_from_train(tmp_path):
+def test_coop_imagenet_train_is_coops_own_draw(tmp_path):
+    """CoOp's imagenet.py draws exactly K per class with Dassl; the val subset comes afterwards."""
     make_imagenet(tmp_path)
     splits = read_dataset(get_card("imagenet"), tmp_path)
-    m = sample_fewshot(splits, shots=2, seed=3)
-    assert [sum(i.label == c for i in m.train) for c in range(3)] == [2, 2, 2]
-    assert [sum(i.label == c for i in m.val) for c in range(3)] == [2, 2, 2]
-    assert not {i.path for i in m.train} & {i.path for i in m.val}
+    for shots, seed in ((2, 3), (4, 1)):
+        m = sample_coop(splits, shots=shots, seed=seed)
+        random.seed(seed)
+        assert m.train == dassl_reference(splits.train, shots)
+        assert [sum(i.label == c for i in m.val) for c in range(3)] == [min(shots, 4)] * 3
+        assert not set(m.train) & set(m.val)
+
+
+def test_clip_lora_sampler_draws_val_first_and_pads(tmp_path):
+    make_split_json(tmp_path, per_split=(10, 6, 2))
+    splits = read_dataset(get_card("eurosat"), tmp_path)
+    m = sample_clip_lora(splits, shots=16, seed=2)
+    random.seed(2)  # CLIP-LoRA: val (min(K, 4)) first, then train, short classes padded
+    val = dassl_reference(splits.val, 4)
+    assert m.val == val and m.train == dassl_reference(splits.train, 16)
+    assert len(m.train) == 48 and len(set(m.train)) < 48  # drawn with replacement
+    assert sample_clip_lora(splits, 4, 2).train != sample_coop(splits, 4, 2).train
+
+
+def test_clip_lora_imagenet_splits_one_draw_per_class(tmp_path):
+    make_imagenet(tmp_path)
+    splits = read_dataset(get_card("imagenet"), tmp_path)
+    m = sample_clip_lora(splits, shots=2, seed=3)
+    random.seed(3)
+    train, val = [], []
+    for c in range(3):
+        drawn = random.sample([it for it in splits.train if it.label == c], 4)
+        train += drawn[:2]
+        val += drawn[2:]
+    assert (m.train, m.val) == (train, val)
+    with pytest.raises(DataError, match="cannot pad"):
+        sample_clip_lora(splits, shots=8, seed=1)
 
 
 def test_manifest_cli_is_identical_across_processes(tmp_path):

@@ -1,9 +1,20 @@
-"""Few-shot subsets under CoOp's protocol (Dassl's `generate_fewshot_dataset`), saved as manifests.
+"""Few-shot subsets, saved as manifests. Two samplers, each the exact draw of an official codebase.
 
-`random.seed(seed)` is set immediately before sampling; labels are visited in order of first
-appearance; each label draws `random.sample(items, K)` (all items if fewer). The val subset uses
-min(K, 4) per label from the val split, continuing the same random stream. ImageNet has no val
-split: K + min(K, 4) items per label come from train, the first K train, the rest val.
+Both use Dassl's `generate_fewshot_dataset` (Dassl.pytorch 27eb2f4, the master CoOp installs):
+labels are visited in order of first appearance in the split list; a label with at least K items
+draws `random.sample(items, K)`, a shorter one `random.choices(items, k=K)` (the default
+`repeat=True`: padded by sampling with replacement).
+
+`coop` (KaiyangZhou/CoOp): `random.seed(seed)`, then the train subset (K per label), then the val
+subset (min(K, 4) per label from the val split), one random stream. ImageNet has no val split:
+CoOp draws exactly K per label from train (its val is the test set); the harness then draws
+min(K, 4) per label from the train images not chosen, continuing the stream, so the training
+subset is CoOp's own.
+
+`clip_lora` (MaxZanella/CLIP-LoRA, `datasets/*.py`, seeded once in `main.py`): `random.seed(seed)`,
+then the val subset FIRST (min(K, 4) per label), then the train subset, one stream. ImageNet
+(`datasets/imagenet.py`, torchvision ImageFolder order: sorted folders, sorted files): per label
+one `random.sample(items, K + min(K, 4))`, the first K train, the rest val, never padded.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from dataclasses import dataclass
 
 from harness import PROTOCOL_VERSION
 from harness.data.readers import DatasetSplits, Item
+from harness.errors import DataError
 from harness.paths import atomic_write_text, cache_dir
 
 
@@ -25,6 +37,7 @@ class Manifest:
     seed: int
     train: list[Item]
     val: list[Item]
+    source: str  # the sampler's name, or the split files' description
 
     @property
     def content_hash(self) -> str:
@@ -39,6 +52,7 @@ class Manifest:
             {
                 "dataset": self.dataset,
                 "protocol": PROTOCOL_VERSION,
+                "source": self.source,
                 "shots": self.shots,
                 "seed": self.seed,
                 "hash": self.content_hash,
@@ -56,32 +70,53 @@ def _by_label(items: list[Item]) -> dict[int, list[Item]]:
     return groups
 
 
-def _sample(items: list[Item], per_label: int) -> list[Item]:
+def dassl_sample(items: list[Item], per_label: int) -> list[Item]:
+    """Dassl's generate_fewshot_dataset with repeat=True, on the global `random` stream."""
     out = []
     for group in _by_label(items).values():
-        out.extend(random.sample(group, per_label) if len(group) >= per_label else group)
+        out.extend(random.sample(group, per_label) if len(group) >= per_label else random.choices(group, k=per_label))
     return out
 
 
-def sample_fewshot(splits: DatasetSplits, shots: int, seed: int) -> Manifest:
+def sample_coop(splits: DatasetSplits, shots: int, seed: int) -> Manifest:
+    n_val = min(shots, 4)
+    random.seed(seed)
+    train = dassl_sample(splits.train, shots)
+    if splits.val:
+        val = dassl_sample(splits.val, n_val)
+    else:  # ImageNet: val from the train images CoOp did not choose, after CoOp's own draw
+        chosen = set(train)
+        val = dassl_sample([it for it in splits.train if it not in chosen], n_val)
+    return Manifest(splits.card.name, shots, seed, train, val, "coop")
+
+
+def sample_clip_lora(splits: DatasetSplits, shots: int, seed: int) -> Manifest:
     n_val = min(shots, 4)
     random.seed(seed)
     if splits.val:
-        train = _sample(splits.train, shots)
-        val = _sample(splits.val, n_val)
+        val = dassl_sample(splits.val, n_val)
+        train = dassl_sample(splits.train, shots)
     else:
         train, val = [], []
-        for group in _by_label(splits.train).values():
-            drawn = random.sample(group, min(len(group), shots + n_val))
+        for label, group in _by_label(splits.train).items():
+            if len(group) < shots + n_val:
+                raise DataError(
+                    f"{splits.card.name}: class {label} has {len(group)} training images; CLIP-LoRA's ImageNet sampler "
+                    f"needs {shots + n_val} ({shots} train + {n_val} val) and cannot pad. Use fewer shots or --sampler coop."
+                )
+            drawn = random.sample(group, shots + n_val)
             train.extend(drawn[:shots])
             val.extend(drawn[shots:])
-    return Manifest(splits.card.name, shots, seed, train, val)
+    return Manifest(splits.card.name, shots, seed, train, val, "clip_lora")
 
 
-def manifest_for(splits: DatasetSplits, shots: int, seed: int) -> Manifest:
+SAMPLERS = {"coop": sample_coop, "clip_lora": sample_clip_lora}
+
+
+def manifest_for(splits: DatasetSplits, shots: int, seed: int, sampler: str = "coop") -> Manifest:
     """Sample the subset and persist it under the cache, so a run can be re-checked and shared."""
-    manifest = sample_fewshot(splits, shots, seed)
-    path = cache_dir() / "manifests" / splits.card.name / f"shots{shots}_seed{seed}.json"
+    manifest = SAMPLERS[sampler](splits, shots, seed)
+    path = cache_dir() / "manifests" / splits.card.name / f"{sampler}_shots{shots}_seed{seed}.json"
     text = manifest.to_json()
     if not path.is_file() or path.read_text() != text:
         atomic_write_text(path, text)
