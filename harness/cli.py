@@ -205,9 +205,14 @@ def list_(what: str = typer.Argument(..., help="methods, datasets or backbones")
     from methods import REGISTRY
 
     if what == "methods":
+        from harness.published import VARIANTS
+
         table = Table("method", "paper", "known deviations", "defaults", show_lines=True)
         for cls in REGISTRY.values():
             table.add_row(cls.name, cls.paper, cls.deviations, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
+        for label, (name, hparams) in VARIANTS.items():
+            sets = " ".join(f"--set '{k}={v}'" for k, v in hparams.items())
+            table.add_row(label, f"paper variant of {name}", "as its method", f"harness run -m {name} {sets}")
     elif what == "datasets":
         table = Table("dataset", "suite", "folder", "classes", "test", "template")
         for card in all_cards().values():

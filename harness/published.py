@@ -3,8 +3,9 @@
 The CSVs live in the repository's `results/published/` folder, installed as the data-only package
 `harness.published_data` (the same pattern as the dataset cards), so the report and the gap table
 work from a checkout and after a non-editable install alike. Backbone names are normalised to the
-harness spelling here and only here; the method display name (`coop` with n_ctx=4 is the paper's
-`coop_ctx4`) is derived from a run's config in `display_name`, which report and check share.
+harness spelling here and only here; the method display name (`coop` with n_ctx=4 and
+ctx_init "a photo of a" is the paper's `coop_ctx4`) is derived from a run's config in
+`display_name`, which report and check share.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from harness.store import connect
 
 COLUMNS = ["source", "backbone", "method", "method_label", "shots", "dataset", "top1"]
 
-# (method, hyper-parameter, value) -> the name under which papers print that variant.
-VARIANTS = {("coop", "n_ctx", 4): "coop_ctx4"}
+# Paper variants: name -> (method, the hyper-parameters that make it). CoOp (4) is CoOp's ctxv1
+# config: 4 context tokens initialised from "a photo of a".
+VARIANTS = {"coop_ctx4": ("coop", {"n_ctx": 4, "ctx_init": "a photo of a"})}
 
 
 def harness_backbone(name: str) -> str:
@@ -29,14 +31,32 @@ def harness_backbone(name: str) -> str:
 
 
 def display_name(method: str, config) -> str:
-    """The leaderboard name of a run: the method, or its paper variant name (coop + n_ctx=4 -> coop_ctx4)."""
+    """The leaderboard name of a run: the method, or its paper variant's name when every hyper-parameter
+    that makes the variant matches (coop + n_ctx=4 + ctx_init "a photo of a" -> coop_ctx4)."""
     if isinstance(config, str):
         config = json.loads(config or "{}")
-    hparams = (config or {}).get("hparams") or {}
-    for (name, key, value), label in VARIANTS.items():
-        if method == name and hparams.get(key) == value:
-            return label
-    return method
+    config = config or {}
+    hparams = config.get("hparams") or {}
+    label = next(
+        (v for v, (name, wanted) in VARIANTS.items() if method == name and all(hparams.get(k) == w for k, w in wanted.items())),
+        method,
+    )
+    tags = protocol_tags(config)
+    return f"{label} ({', '.join(tags)})" if tags else label
+
+
+def protocol_tags(config: dict) -> list[str]:
+    """What sets a run's protocol apart from the default one (CoOp's subsets, few-shot val search):
+    runs that differ here are different rows, never averaged together."""
+    tags = []
+    sampler = config.get("sampler")
+    if sampler == "files":
+        tags.append("split files")
+    elif sampler and sampler != "coop":
+        tags.append(f"{sampler} subsets")
+    if (config.get("hparams") or {}).get("search_split") == "full_val":
+        tags.append("full-val search")
+    return tags
 
 
 def published_dir():

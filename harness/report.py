@@ -460,6 +460,15 @@ def _counts(series: pd.Series) -> str:
     return ", ".join(f"{value} ({n})" for value, n in counts.items())
 
 
+def subset_source(config: dict) -> str:
+    """Where a run's few-shot subset came from: its sampler, split files (with their hash), or none."""
+    if not config.get("shots"):
+        return "none (zero-shot)"
+    if config.get("sampler") == "files":
+        return f"split files {str(config.get('split_files_sha256'))[:12]}"
+    return config.get("sampler") or "coop (before samplers were recorded)"
+
+
 def provenance(agg: Aggregate) -> dict:
     from methods import REGISTRY
 
@@ -476,7 +485,9 @@ def provenance(agg: Aggregate) -> dict:
         hp = sorted({json.dumps(c.get("hparams") or {}, sort_keys=True) for c in configs})
         if any(o != "{}" for o in ov):
             overrides.append({"suite": suite, "method": method, "overrides": "; ".join(ov)})
-        hparams.append({"suite": suite, "method": method, "hparams": "; ".join(hp)})
+        subsets = _counts(pd.Series([subset_source(c) for c in configs]))
+        search = _counts(pd.Series([(c.get("hparams") or {}).get("search_split", "\u2013") for c in configs]))
+        hparams.append({"suite": suite, "method": method, "hparams": "; ".join(hp), "subsets": subsets, "search": search})
     groups = []
     for (suite, backbone), group in runs.groupby(["suite", "backbone"]):
         groups.append({"suite": suite, "backbone": backbone, "weights": _counts(group["weights"]), "device": _counts(group["device"]),

@@ -127,6 +127,11 @@ class Task:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Dynamic loss scaling for fp16 autocast, as the official fp16 recipes (CLIP-LoRA's
+        GradScaler); a pass-through for fp32 and bf16. Use: scale(loss).backward(), step(opt), update()."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
     def encode_images(self, model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Unnormalised image features of uint8 pixels through `model`, batched, under autocast."""
         out = []

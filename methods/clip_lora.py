@@ -10,11 +10,12 @@ official DataLoader's drop_last=False); RandomResizedCrop(scale 0.08-1, bicubic)
 encoder every step; cross-entropy on 100 * cos(image, text); the last step is evaluated.
 
 Deviations (named, and recorded in each run's config through the precision field / hparams):
-- precision: bf16 autocast on CUDA (official: fp16 autocast + GradScaler), fp32 on CPU;
+- precision: bf16 autocast on CUDA by default (official: fp16 autocast + GradScaler, which
+  `--precision fp16` runs), fp32 on CPU;
 - LoRA computed factored, (x A^T) B^T, instead of materialising B @ A at every forward (same
   function; see methods/lora.py), and merged into the weights for evaluation;
 - augmentation runs on uint8 tensors on the device (torchvision v2, antialiased bicubic) instead of
-  PIL in a DataLoader; the text tower runs on the prompt tokens only (identical features);
+  PIL in a DataLoader (at most 2/255 apart per pixel on the demo images, bench/resize_fidelity.py); the text tower runs on the prompt tokens only (identical features);
 - `steps_per_shot` may be scaled down by a suite override (the demo suite does);
 - `max_short_side` (default None: off) downscales few-shot originals before they go to the device
   (16-shot ImageNet at full resolution would hold ~10 GB on the GPU); recorded in the config.
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.backbones import encode_text
-from harness.data.images import normalize, random_resized_crops
+from harness.data.images import AUGMENT_DEVIATION, normalize, random_resized_crops
 from methods.base import FiniteGuard, ImageSet, Method, Task, register
 from methods.lora import adapted_copy, lora_factory, merge_adapters
 
@@ -69,6 +70,7 @@ class LoRATraining:
     encoders: tuple[str, ...]
     batches: Iterator[torch.Tensor]
     guard: FiniteGuard
+    scaler: torch.amp.GradScaler  # fp16: dynamic loss scaling (official recipe); otherwise a pass-through
 
 
 @register
@@ -76,8 +78,8 @@ class CLIPLoRA(Method):
     name = "clip_lora"
     paper = "Zanella & Ben Ayed, Low-Rank Few-Shot Adaptation of Vision-Language Models, CVPRW 2024 (arXiv 2405.18541)"
     deviations = (
-        "bf16 autocast on CUDA instead of fp16 + GradScaler (fp32 on CPU); LoRA factored (x A^T) B^T in training "
-        "and merged for evaluation instead of B@A at every forward; augmentation on the device on uint8 tensors; "
+        "bf16 autocast on CUDA by default instead of fp16 + GradScaler (--precision fp16 runs the official one; fp32 on CPU); LoRA factored (x A^T) B^T in training "
+        f"and merged for evaluation instead of B@A at every forward (same function); {AUGMENT_DEVIATION}; "
         "text tower on the prompt tokens only (same features); suite overrides may lower steps_per_shot"
     )
     defaults = {
@@ -140,6 +142,7 @@ class CLIPLoRA(Method):
         return LoRATraining(
             images=images, labels=labels, total=total, optimizer=optimizer, scheduler=scheduler, text_frozen=text_frozen,
             encoders=encoders, batches=shuffled_batches(len(images), int(hp["batch_size"])), guard=FiniteGuard(),
+            scaler=task.grad_scaler(),
         )
 
     def train_step(self, task: Task, state: "LoRATraining", step: int, section=no_section) -> torch.Tensor:
@@ -162,9 +165,10 @@ class CLIPLoRA(Method):
             loss = F.cross_entropy(float(hp["logit_scale"]) * image @ text.T, state.labels[idx.to(state.labels.device)])
             state.guard.update(loss, step)  # no host sync per step; a non-finite loss still fails the run
             state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            state.scaler.scale(loss).backward()
         with section("optimizer"):
-            state.optimizer.step()
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
             state.scheduler.step()
         return loss
 

@@ -3,10 +3,14 @@
 Follows the official KaiyangZhou/CoOp + Dassl.pytorch code (config `rn50_epXX` with
 `vit_b16`, class token at the end, shared context, random init):
 
-- prompt `[SOS][V1..Vn][class name tokens][.][EOS]`, n = `n_ctx` (16; `n_ctx=4` gives CoOp (4)),
-  context vectors shared by all classes, drawn from N(0, 0.02^2);
-- the fixed parts (SOS, class name, full stop, EOS) are the token embeddings of the placeholder
-  prompt "X X ... X {classname}."; the EOT position pooled by CLIP is the argmax of its token ids;
+- prompt `[SOS][V1..Vn][class name tokens][.][EOS]`, n = `n_ctx` (16), context vectors shared by
+  all classes, drawn from N(0, 0.02^2);
+- `ctx_init` (CoOp's CTX_INIT): the context starts from the token embeddings of these words instead,
+  and n_ctx must equal their number. The published CoOp (4) rows are `n_ctx=4`,
+  `ctx_init="a photo of a"` (CoOp's `vit_b16_ep*_ctxv1` configs), shown as `coop_ctx4`;
+- the fixed parts (SOS, class name, full stop, EOS) are the token embeddings of the prompt
+  "X X ... X {classname}." (or "{ctx_init} {classname}."); the EOT position pooled by CLIP is the
+  argmax of its token ids;
 - text encoder: CLIP's own with the token-embedding lookup replaced by these embeddings;
 - logits = CLIP's logit scale (100 for OpenAI weights) * cos(image, text); cross-entropy;
 - SGD lr 0.002, momentum 0.9, weight decay 5e-4, batch 32 (last incomplete batch dropped when
@@ -16,7 +20,8 @@ Follows the official KaiyangZhou/CoOp + Dassl.pytorch code (config `rn50_epXX` w
 - the last epoch is evaluated; the val split is not used.
 
 Deviations: precision is fp32 on CPU and bf16 autocast (fp32 parameters) on CUDA, where the
-official code runs CLIP and the context vectors in pure fp16. The image encoder is frozen and gets
+official code runs CLIP and the context vectors in pure fp16 (`--precision fp16` is fp16 autocast
+with fp32 parameters and dynamic loss scaling, the closest stable equivalent). The image encoder is frozen and gets
 no gradient, so train crops are encoded under no_grad and test images through the cached frozen
 features (identical results, less work). The text encoder runs on the tokens up to the longest
 prompt's EOT (exact under the causal mask). `epoch_scale` < 1 shrinks the epoch budget (demo suite
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.backbones import encode_token_embeddings
-from harness.data.images import normalize, random_resized_crops
+from harness.data.images import AUGMENT_DEVIATION, normalize, random_resized_crops
 from methods.base import ImageSet, Method, Task, check_finite, register
 
 
@@ -55,9 +60,9 @@ def epochs_for_shots(shots: int) -> int:
 class PromptLearner:
     """Learnable shared context between the fixed SOS token and the '{classname}.' suffix."""
 
-    def __init__(self, task: Task, n_ctx: int, init_std: float):
+    def __init__(self, task: Task, n_ctx: int, init_std: float, ctx_init: str = ""):
         model = task.backbone.model
-        placeholder = " ".join(["X"] * n_ctx)
+        placeholder = ctx_init or " ".join(["X"] * n_ctx)
         tokens = task.backbone.tokenize([f"{placeholder} {name}." for name in task.classnames])
         self.eot_index = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
         tokens = tokens[:, : int(self.eot_index.max()) + 1]  # causal mask: later tokens never matter
@@ -66,8 +71,11 @@ class PromptLearner:
         self.tokens = tokens
         self.prefix = embedding[:, :1]  # SOS
         self.suffix = embedding[:, 1 + n_ctx :]  # class name, '.', EOS (and padding up to the longest)
-        width = embedding.shape[-1]
-        self.ctx = torch.empty(n_ctx, width, device=task.device).normal_(std=init_std).requires_grad_(True)
+        if ctx_init:  # CoOp: the context starts as the words' own token embeddings
+            self.ctx = embedding[0, 1 : 1 + n_ctx].clone().requires_grad_(True)
+        else:
+            width = embedding.shape[-1]
+            self.ctx = torch.empty(n_ctx, width, device=task.device).normal_(std=init_std).requires_grad_(True)
 
     def embeddings(self) -> torch.Tensor:
         ctx = self.ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
@@ -85,11 +93,13 @@ class CoOp(Method):
     name = "coop"
     paper = "Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022"
     deviations = (
-        "precision fp32 (CPU) / bf16 autocast (CUDA) instead of pure fp16; frozen image encoder run "
-        "without autograd; text encoder truncated to the longest prompt (exact); epoch_scale < 1 only in the demo"
+        "precision fp32 (CPU) / bf16 autocast (CUDA) instead of pure fp16 (--precision fp16: fp16 autocast with "
+        f"loss scaling); {AUGMENT_DEVIATION}; frozen image encoder run without autograd (same result); text encoder "
+        "truncated to the longest prompt (exact); epoch_scale < 1 only in the demo"
     )
     defaults = {
         "n_ctx": 16,
+        "ctx_init": "",  # "": random N(0, init_std^2); else the words the context starts from
         "init_std": 0.02,
         "epochs": None,  # None: by shots (50 / 100 / 100 / 200 / 200); ImageNet's card sets 50
         "epoch_scale": 1.0,
@@ -105,7 +115,7 @@ class CoOp(Method):
     def fit(self, task: Task) -> None:
         hp = self.hp
         model = task.backbone.model
-        self.prompts = PromptLearner(task, hp["n_ctx"], hp["init_std"])
+        self.prompts = PromptLearner(task, hp["n_ctx"], hp["init_std"], hp["ctx_init"])
         self.logit_scale = float(model.logit_scale.exp())
         epochs = hp["epochs"] or epochs_for_shots(task.shots)
         self.epochs = max(1, round(epochs * hp["epoch_scale"]))
@@ -119,6 +129,7 @@ class CoOp(Method):
             [self.prompts.ctx], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
         )
         self.epoch_lrs: list[float] = []
+        scaler = task.grad_scaler()
         steps = task.start_steps(self.epochs, "coop epochs")
         step = 0
         for epoch in range(1, self.epochs + 1):
@@ -138,12 +149,20 @@ class CoOp(Method):
                 loss = F.cross_entropy(logits, labels[idx])
                 check_finite(loss, step)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
             steps.advance()
         with torch.no_grad():
             self.text_weights = self.prompts.text_features(task)
+
+    @classmethod
+    def config_error(cls, hp: dict, card) -> str | None:
+        words = len(hp["ctx_init"].split()) if hp.get("ctx_init") else hp["n_ctx"]
+        if words != hp["n_ctx"]:
+            return f"ctx_init '{hp['ctx_init']}' has {words} words, so n_ctx must be {words} (CoOp derives it from them); add --set n_ctx={words}."
+        return None
 
     def predict(self, task: Task, images: ImageSet) -> torch.Tensor:
         return self.logit_scale * task.frozen_features(images) @ self.text_weights.T

@@ -33,14 +33,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from harness.data.images import random_resized_crops
+from harness.data.images import AUGMENT_DEVIATION, random_resized_crops
 from methods.base import ImageSet, Method, Task, check_finite, register
 
 SEARCH_DEVIATION = (
     "alpha/beta searched on the few-shot val subset, min(K, 4) per class (official: the full val split, "
     "test for ImageNet; search_split=full_val gives the official search where a val split exists)"
 )
-PRECISION_DEVIATION = "precision fp32 (CPU) / bf16 autocast image encoder (CUDA) instead of fp16"
+PRECISION_DEVIATION = (
+    f"precision fp32 (CPU) / bf16 autocast image encoder (CUDA) instead of fp16; {AUGMENT_DEVIATION}; "
+    "augment_views and epoch_scale lowered only in the demo suite"
+)
 
 
 def tip_logits(
@@ -187,6 +190,7 @@ class TipAdapterF(TipAdapter):
         self.epochs = max(1, round(hp["epochs"] * hp["epoch_scale"]))
         optimizer = torch.optim.AdamW([self.keys], lr=hp["lr"], eps=hp["eps"], weight_decay=hp["weight_decay"])
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * iters)
+        scaler = task.grad_scaler()
         steps = task.start_steps(self.epochs, "tip-adapter-f epochs")
         step = 0
         for _ in range(self.epochs):
@@ -198,8 +202,9 @@ class TipAdapterF(TipAdapter):
                 loss = F.cross_entropy(logits, labels[idx])
                 check_finite(loss, step)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 step += 1
             steps.advance()

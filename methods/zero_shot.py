@@ -2,7 +2,9 @@
 
 logits = 100 * normalised image features @ normalised text features, one hand-written template
 per dataset (CoOp's CUSTOM_TEMPLATES, from the dataset card). `ensemble=true` averages the card's
-template set instead (ImageNet: the 7-template set).
+template set instead: ImageNet's 7-template set (Tip-Adapter's); the other 10 cards hold one
+template, so there `ensemble=true` equals the single template. CLIP's paper used larger
+per-dataset ensembles (18 to 80 prompts), which are not reproduced.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from methods.base import ImageSet, Method, Task, register
 class ZeroShot(Method):
     name = "zero_shot"
     paper = "Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021"
-    deviations = "none"
+    deviations = (
+        "ensemble=true is the 7-template set on ImageNet only; on the other datasets it is the single CoOp "
+        "template (CLIP's own per-dataset ensembles are not reproduced)"
+    )
     defaults = {"ensemble": False}
     uses_shots = False
 

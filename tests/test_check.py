@@ -20,7 +20,7 @@ ACCURACY = {("zero_shot", 0): 45.0, ("clip_lora", 1): 60.0, ("clip_lora", 4): 70
 
 
 def _write(db: Path, method: str, dataset: str, shots: int, seed: int, top1: float) -> None:
-    hparams = {"n_ctx": 4} if method == "coop" else {}
+    hparams = {"n_ctx": 4, "ctx_init": "a photo of a"} if method == "coop" else {}
     config = {"method": method, "hparams": hparams, "dataset": dataset, "suite": "demo", "shots": shots, "seed": seed}
     write_record(db, {"config_hash": f"{method}-{dataset}-{shots}-{seed}", "run_id": f"fixture-{method}-{seed}", "method": method,
                       "dataset": dataset, "suite": "demo", "backbone": "tiny", "shots": shots, "seed": seed, "config": config,

@@ -60,3 +60,43 @@ def test_cli_runs_both_methods(demo_root, tmp_path):
         rows = con.execute("select method, status, trainable_params, json_extract(config, '$.hparams.steps_per_shot') from runs order by method").fetchall()
     assert [(r[0], r[1], int(r[3])) for r in rows] == [("block_lora", "ok", 2), ("clip_lora", "ok", 2)]
     assert rows[0][2] < rows[1][2]
+
+
+@pytest.mark.parametrize("method", ["clip_lora", "coop", "tip_adapter_f"])
+def test_fp16_trains_with_dynamic_loss_scaling(random_tiny, demo_root, method, monkeypatch):
+    """--precision fp16 is fp16 autocast with a GradScaler (CLIP-LoRA's official recipe), exercised
+    here on CPU, where torch runs both; bf16 and fp32 get a pass-through scaler."""
+    from pathlib import Path
+
+    from harness.data.fewshot import manifest_for
+    from harness.runner import load_datasets
+    from methods import ImageSet, Task
+
+    splits = load_datasets(["demo_colours"], Path("."))["demo_colours"]
+    manifest = manifest_for(splits, 1, 1)
+    size = random_tiny.image_size
+    scalers = []
+    real = Task.grad_scaler
+
+    def spy(task):
+        scalers.append(real(task))
+        return scalers[-1]
+
+    monkeypatch.setattr(Task, "grad_scaler", spy)
+    results = {}
+    for precision in ("fp32", "fp16"):
+        task = Task(
+            card=splits.card, classnames=splits.classnames, shots=1, seed=1, backbone=random_tiny, precision=precision,
+            train=ImageSet(splits.root, "demo_colours", manifest.train, size),
+            val=ImageSet(splits.root, "demo_colours", manifest.val, size),
+            test=ImageSet(splits.root, "demo_colours", splits.test, size),
+        )
+        torch.manual_seed(0)
+        fit = REGISTRY[method](**{"clip_lora": {"steps_per_shot": 8}, "coop": {"epochs": 2}, "tip_adapter_f": {"epochs": 2, "augment_views": 1}}[method])
+        fit.fit(task)
+        logits = fit.predict(task, task.test)
+        assert torch.isfinite(logits).all()
+        results[precision] = (logits.argmax(-1) == task.test.labels).float().mean().item()
+    assert [s.is_enabled() for s in scalers] == [False, True]
+    assert scalers[1].get_scale() > 1  # the loss really was scaled
+    assert abs(results["fp16"] - results["fp32"]) < 0.1, results

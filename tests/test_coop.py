@@ -58,6 +58,20 @@ def test_prompt_token_layout_and_eot_index(tiny, demo_root, n_ctx):
     torch.testing.assert_close(ours, clip, rtol=0, atol=1e-6)
 
 
+def test_ctx_init_starts_from_the_words_embeddings(tiny, demo_root):
+    """CoOp (4) as published: the context starts as the token embeddings of "a photo of a"."""
+    task = make_task(tiny, "demo_shapes", 1)
+    prompts = PromptLearner(task, 4, 0.02, "a photo of a")
+    words = tiny.tokenize(["a photo of a"])[0, 1:5]
+    torch.testing.assert_close(prompts.ctx, tiny.model.token_embedding(words).float(), rtol=0, atol=0)
+    with torch.no_grad():  # untrained, the prompt is exactly CLIP's own "a photo of a {class}."
+        ours = prompts.text_features(task)
+    clip = F.normalize(encode_text(tiny.model, tiny.tokenize([f"a photo of a {c}." for c in task.classnames])), dim=-1)
+    torch.testing.assert_close(ours, clip, rtol=0, atol=1e-6)
+    assert CoOp.config_error({**CoOp.defaults, "ctx_init": "a photo of a"}, task.card).endswith("--set n_ctx=4.")
+    assert CoOp.config_error({**CoOp.defaults, "ctx_init": "a photo of a", "n_ctx": 4}, task.card) is None
+
+
 def test_learning_rate_per_epoch():
     max_epoch = 200
     assert coop_lr(1, max_epoch) == 1e-5  # constant warm-up, counts toward the total

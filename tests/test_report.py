@@ -46,7 +46,7 @@ def build_fixture_db(db: Path) -> None:
     """FIXTURE runs: ViT-B-16 on three standard datasets (published numbers exist) and the tiny demo grid."""
     pub = published_frame()
     pub = pub[pub.backbone == "ViT-B-16"].set_index(["method", "dataset", "shots"])["top1"]
-    methods = {"coop": ({"n_ctx": 4}, 2048, "coop_ctx4"), "tip_adapter_f": ({}, 16 * 512, "tip_adapter_f"),
+    methods = {"coop": ({"n_ctx": 4, "ctx_init": "a photo of a"}, 2048, "coop_ctx4"), "tip_adapter_f": ({}, 16 * 512, "tip_adapter_f"),
                "clip_lora": ({"rank": 2}, 184_320, "clip_lora"), "block_lora": ({"rank": 2, "blocks": 4}, 46_080, "clip_lora")}
     n = 0
     for dataset in STANDARD:
@@ -90,9 +90,16 @@ def rendered(tmp_path_factory):
 
 def test_names_are_normalised_in_one_place():
     assert harness_backbone("ViT-B/16") == "ViT-B-16"
-    assert display_name("coop", {"hparams": {"n_ctx": 4}}) == "coop_ctx4"
+    assert display_name("coop", {"hparams": {"n_ctx": 4, "ctx_init": "a photo of a"}}) == "coop_ctx4"
+    assert display_name("coop", {"hparams": {"n_ctx": 4, "ctx_init": ""}}) == "coop"  # not the paper's recipe
     assert display_name("coop", json.dumps({"hparams": {"n_ctx": 16}})) == "coop"
     assert display_name("clip_lora", {}) == "clip_lora"
+    # Another few-shot protocol is another row, never averaged with CoOp's subsets.
+    assert display_name("clip_lora", {"sampler": "coop"}) == "clip_lora"
+    assert display_name("clip_lora", {"sampler": "clip_lora"}) == "clip_lora (clip_lora subsets)"
+    assert display_name("tip_adapter", {"sampler": "files", "hparams": {"search_split": "full_val"}}) == (
+        "tip_adapter (split files, full-val search)"
+    )
 
 
 def test_published_table_is_loaded_idempotently(rendered):
@@ -112,6 +119,7 @@ def test_report_files_and_content(rendered):
     assert 'class="board"' in html and "Leaderboard: average over datasets" in html
     assert html.count("<svg") >= 4  # curves and efficiency for two backbones
     assert "coop_ctx4" in html and '<td class="name">coop</td>' not in html
+    assert "few-shot subsets (runs)" in html and "coop (before samplers were recorded)" in html
     assert "0-shot reference" in html
     assert "Reproduction gap" in html and "CLIP-LoRA paper (arXiv 2405.18541v2)" in html
     assert "DivergedError: loss became nan at step 17" in html  # failed run listed

@@ -190,9 +190,11 @@ def test_sigint_mid_sweep_in_a_real_process(tmp_path, demo_root):
     db = tmp_path / "d.duckdb"
     cmd = [sys.executable, "-m", "harness", "run", "--suite", "demo", "-m", "coop", "-d", "demo_shapes", "--shots", "1,2,4,8,16",
            "--seeds", "1", "--db", str(db)]
-    env = {**os.environ, "COLUMNS": "200"}
+    # Unbuffered: the "ok" line must reach the pipe when it is printed, not when the process exits
+    # (block-buffered, a busy machine saw the whole sweep finish before the signal was sent).
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:  # the first finished run
+    for line in proc.stdout:  # the first finished run: four runs of several seconds each are still to come
         if line.startswith("ok coop"):
             break
     proc.send_signal(signal.SIGINT)

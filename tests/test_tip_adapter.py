@@ -110,3 +110,33 @@ def test_learns_and_repeats(random_tiny, demo_root, name):
     assert first["trainable_params"] == (0 if name == "tip_adapter" else 8 * 16 * 64)  # N*K*D keys
     assert first["top1"] >= zero_shot + 8, (first["top1"], zero_shot)
     assert second["top1"] == first["top1"]
+
+
+def test_search_split_full_val_searches_the_whole_val_split(random_tiny, demo_root):
+    """A case built for it: the full val split is the few-shot val with every label shifted by one
+    class, so the cache that helps on the few-shot val hurts there and the search must choose otherwise."""
+    from harness.cards import get_card
+    from harness.data.readers import Item
+
+    splits = load_datasets(["demo_colours"], Path("."))["demo_colours"]
+    manifest = manifest_for(splits, 4, 1)
+    size, n = random_tiny.image_size, len(splits.classnames)
+    shifted = [Item(it.path, (it.label + 1) % n, splits.classnames[(it.label + 1) % n]) for it in manifest.val]
+    chosen = {}
+    for split in ("fewshot_val", "full_val"):
+        task = Task(
+            card=splits.card, classnames=splits.classnames, shots=4, seed=1, backbone=random_tiny, precision="fp32",
+            train=ImageSet(splits.root, "demo_colours", manifest.train, size),
+            val=ImageSet(splits.root, "demo_colours", manifest.val, size),
+            test=ImageSet(splits.root, "demo_colours", splits.test, size),
+            full_val=ImageSet(splits.root, "demo_colours", shifted, size),
+        )
+        torch.manual_seed(0)
+        method = tip.TipAdapter(augment_views=1, search_split=split)
+        method.fit(task)
+        chosen[split] = (method.alpha, method.beta, method.val_accuracy)
+    assert chosen["fewshot_val"][:2] != chosen["full_val"][:2], chosen
+    assert chosen["fewshot_val"][2] > chosen["full_val"][2]
+    # ImageNet has no val split: full_val is refused before any run instead of searching on test.
+    assert "never" in tip.TipAdapter.config_error({"search_split": "full_val"}, get_card("imagenet"))
+    assert tip.TipAdapter.config_error({"search_split": "full_val"}, get_card("dtd")) is None

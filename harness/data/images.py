@@ -21,6 +21,13 @@ from harness.cache import cached_tensor, digest
 from harness.data.readers import Item
 from harness.errors import DataError
 
+# The official codes crop training images with PIL in a DataLoader; the harness crops uint8 tensors
+# on the device. Measured by `python -m bench.resize_fidelity` (same crop boxes, demo images).
+AUGMENT_DEVIATION = (
+    "train crops resized on uint8 tensors (bicubic, antialiased) instead of PIL: at most 2/255, "
+    "mean 0.004/255 per pixel apart on the demo images (bench/resize_fidelity.py)"
+)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
