@@ -118,7 +118,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return state
         return load_state_dict(str(path))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise HarnessError(f"Could not read weights from {path}: {exc}. Expected an OpenAI .pt or an open_clip checkpoint.") from None
+        text = str(exc)
+        reason = (
+            "it holds Python objects, not just tensors, and is not loaded for safety"
+            if "weights_only" in text else (text.splitlines() or [type(exc).__name__])[0][:200]
+        )
+        raise HarnessError(
+            f"Weights file {path} is corrupt or not a CLIP checkpoint ({reason}). Expected OpenAI's TorchScript .pt "
+            "or an open_clip checkpoint (.pt/.bin/.safetensors)."
+        ) from None
 
 
 def resolve_weights(name: str, weights: str | None = None) -> tuple[Path | None, str]:

@@ -22,7 +22,10 @@ def digest(*parts: object) -> str:
 def cached_tensor(kind: str, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     path = cache_dir() / kind / f"{name}.safetensors"
     if path.is_file():
-        return load_file(path)["value"]
+        try:
+            return load_file(path)["value"]
+        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
+            path.unlink(missing_ok=True)
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -6,6 +6,7 @@ The cards live in the repository's `datasets/` folder, installed as the data-onl
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -54,12 +55,19 @@ def cards_dir():
 
 @lru_cache(maxsize=1)
 def all_cards() -> dict[str, DatasetCard]:
+    """The shipped cards, then the cards in $HARNESS_CARDS (a folder of YAML files) if set: your own
+    datasets, or a shipped card redeclared (e.g. a class subset), replacing the shipped one by name."""
     cards = {}
-    for entry in sorted(cards_dir().iterdir(), key=lambda p: p.name):
-        if entry.name.endswith(".yaml") and not entry.name.startswith("_"):
-            raw = yaml.safe_load(entry.read_text())
-            raw["templates"] = tuple(raw.get("templates", ()))
-            cards[raw["name"]] = DatasetCard(**raw)
+    folders = [cards_dir()] + ([Path(os.environ["HARNESS_CARDS"])] if os.environ.get("HARNESS_CARDS") else [])
+    for folder in folders:
+        for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+            if entry.name.endswith(".yaml") and not entry.name.startswith("_"):
+                try:
+                    raw = yaml.safe_load(entry.read_text())
+                    raw["templates"] = tuple(raw.get("templates", ()))
+                    cards[raw["name"]] = DatasetCard(**raw)
+                except (yaml.YAMLError, TypeError, KeyError) as exc:
+                    raise HarnessError(f"Dataset card {entry} is not a valid card ({exc}). Compare it with datasets/dtd.yaml.") from None
     return cards
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from harness import paths
 from harness.errors import HarnessError
@@ -72,19 +73,26 @@ def run(
 ):
     """Run methods over datasets, shots and seeds; store every run in DuckDB."""
     from harness.backbones import resolve_weights
-    from harness.cards import suite_cards, suites
-    from harness.grid import build_grid, parse_sets
+    from harness.cards import get_card, suite_cards, suites
+    from harness.grid import build_grid, check_grid, method_class, parse_sets
     from harness.records import default_records_dir, ingest
     from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
     from harness.store import completed_hashes, write_record
     from methods import REGISTRY
 
-    methods = list(REGISTRY) if all_methods else _split(method)
+    methods = list(REGISTRY) if all_methods else list(dict.fromkeys(_split(method)))
     if not methods:
         raise HarnessError("Name a method with -m/--method NAME (see `harness list methods`) or pass --all-methods.")
+    for name in methods:
+        method_class(name)  # an unknown method is refused before any data is read
     names = [c.name for c in suite_cards(suite)] if all_datasets else _split(dataset)
     if not names:
         raise HarnessError(f"Name a dataset with -d/--dataset NAME or pass --all-datasets (suite '{suite}').")
+    suite_cards(suite)  # an unknown suite is refused by name
+    names = list(dict.fromkeys(names))
+    for name in names:
+        if get_card(name).suite != suite:
+            raise HarnessError(f"Dataset '{name}' belongs to the {get_card(name).suite} suite, not '{suite}': pass --suite {get_card(name).suite}.")
     backbones = _split(backbone) or [suites()[suite]["default_backbone"]]
     if weights and len(backbones) > 1:
         raise HarnessError("--weights applies to one backbone; run each backbone with its own --weights.")
@@ -93,7 +101,7 @@ def run(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     identities = {b: resolve_weights(b, weights)[1] for b in backbones}
-    shot_list, seed_list = _ints(shots, "--shots"), _ints(seeds, "--seeds")
+    shot_list, seed_list = check_grid(methods, datasets, _ints(shots, "--shots"), _ints(seeds, "--seeds"))
     check_sampler(sampler)
     split_hashes = None
     if splits is not None:  # every split file is read and validated before any run
@@ -152,7 +160,7 @@ def run(
 
     load_published(db_path)  # published numbers queryable beside the runs (table `published`)
     if result.failed:
-        console.print("[red]Failed runs:[/red]\n  " + "\n  ".join(result.failures))
+        console.print(Text.assemble(("Failed runs:", "red"), "\n  " + "\n  ".join(result.failures)))
         raise typer.Exit(1)
 
 
@@ -194,7 +202,7 @@ def status(
     for m in state["in_flight"]:
         console.print(f"{'[yellow]stale (worker gone)[/yellow]' if m['stale'] else 'running'}: {m['label']} (pid {m['pid']} on {m['host']})")
     for label, error in state["failures"]:
-        console.print(f"[red]failed[/red] {label}: {error}")
+        console.print(Text.assemble(("failed", "red"), f" {label}: {error}"))
 
 
 @app.command("list")
@@ -231,22 +239,32 @@ def list_(what: str = typer.Argument(..., help="methods, datasets or backbones")
 def data_check(
     data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout [env HARNESS_DATA_ROOT, default ./data]."),
     suite: str = typer.Option("standard", help="standard or demo."),
+    dataset: Optional[list[str]] = typer.Option(None, "-d", "--dataset", help="Only these datasets (each must be usable)."),
+    deep: bool = typer.Option(False, "--deep", help="Also decode every image (slow on the full datasets)."),
 ):
-    """Which datasets are present, incomplete or missing, and why."""
-    from harness.cards import suite_cards
+    """Which datasets are present, incomplete or missing, and why. Exit 2 when a named dataset (or,
+    without -d, every dataset) is unusable."""
+    from harness.cards import get_card, suite_cards
     from harness.data.check import check_dataset
     from harness.data.demo import ensure_demo
 
-    cards = suite_cards(suite)
-    root = ensure_demo(cards) if suite == "demo" else paths.data_root(data_root)
+    cards = [get_card(n) for n in _split(dataset)] or suite_cards(suite)
+    demo = [c for c in cards if c.suite == "demo"]
+    root = ensure_demo(demo) if demo and len(demo) == len(cards) else paths.data_root(data_root)
     table = Table("dataset", "status", "path", "detail", title=f"data root {root.resolve()}")
     colour = {"present": "green", "incomplete": "yellow", "missing": "red"}
-    results = [check_dataset(card, root) for card in cards]
+    results = [check_dataset(card, root, deep) for card in cards]
     for r in results:
-        table.add_row(r.card.name, f"[{colour[r.status]}]{r.status}[/]", str(r.path), r.detail)
+        table.add_row(r.card.name, Text(r.status, style=colour[r.status]), Text(str(r.path)), Text(r.detail))
     console.print(table)
     counts = {s: sum(r.status == s for r in results) for s in colour}
-    console.print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    console.print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" (images {'decoded' if deep else 'listed'} and checked)")
+    unusable = [r.card.name for r in results if r.status != "present"]
+    if (dataset and unusable) or not counts["present"]:
+        raise HarnessError(
+            f"Unusable: {', '.join(unusable)} under {root.resolve()}. See the detail column; lay the data out as in "
+            "CoOp's DATASETS.md or pass --data-root PATH."
+        )
 
 
 @data_app.command("manifest")
@@ -312,7 +330,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         result = app(args=argv, standalone_mode=False)  # returns typer.Exit's code in this mode
         return result if isinstance(result, int) else 0
     except HarnessError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)  # literal text
         return 2
     except typer.Exit as exc:
         return exc.exit_code

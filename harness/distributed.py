@@ -23,6 +23,7 @@ import submitit
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from harness.errors import HarnessError
 from harness.grid import RunSpec
@@ -202,7 +203,7 @@ def run_distributed(
     failed = [r for r in mine if r["status"] != "ok"]
     console.print(f"{len(mine) - len(failed)} ok, {len(failed)} failed, {len(grid) - len(todo)} skipped. Database: {db}")
     for line in errors:
-        console.print(f"[red]job died:[/red] {line}")
+        console.print(Text.assemble(("job died:", "red"), f" {line}"))
     for r in failed:
-        console.print(f"[red]failed[/red] {r['method']} {r['dataset']} {r['shots']}-shot seed {r['seed']}: {r['error'].splitlines()[0]}")
+        console.print(Text.assemble(("failed", "red"), f" {r['method']} {r['dataset']} {r['shots']}-shot seed {r['seed']}: {r['error'].splitlines()[0]}"))
     return bool(failed or errors)

@@ -11,12 +11,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-import yaml
-
 from harness import PROTOCOL_VERSION
 from harness.cards import get_card, suites
 from harness.errors import HarnessError
 from methods import REGISTRY
+from methods.hparams import parse_value, validate
 
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
@@ -68,13 +67,40 @@ class RunSpec:
 
 
 def parse_sets(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs; a value that looks like a number is one (1e-3 included), else YAML."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise HarnessError(f"--set expects KEY=VALUE, got '{pair}'.")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_value(value)
     return out
+
+
+def check_grid(methods: list[str], datasets: dict, shots: list[int], seeds: list[int]) -> tuple[list[int], list[int]]:
+    """Shots and seeds that make sense for these methods and data, duplicates dropped (order kept).
+
+    Few-shot methods take 1..16 shots (the protocol's range); a larger K only where every class of
+    the dataset has K training images, so a "K-shot" number never comes from fewer. `datasets` maps
+    names to their read splits (DatasetSplits)."""
+    shots, seeds = list(dict.fromkeys(shots)), list(dict.fromkeys(seeds))
+    if not seeds or any(s < 0 for s in seeds):
+        raise HarnessError(f"--seeds must be integers >= 0, got {', '.join(map(str, seeds)) or 'none'}.")
+    if not any(method_class(m).uses_shots for m in methods):
+        return shots, seeds
+    if not shots or any(k < 1 for k in shots):
+        raise HarnessError(f"--shots must be integers >= 1 for few-shot methods (the protocol uses 1..16), got {', '.join(map(str, shots)) or 'none'}.")
+    for k in (k for k in shots if k > 16):
+        for name, splits in datasets.items():
+            counts: dict[int, int] = {}
+            for it in splits.train:
+                counts[it.label] = counts.get(it.label, 0) + 1
+            if min(counts.values(), default=0) < k:
+                raise HarnessError(
+                    f"--shots {k}: the protocol uses 1..16 shots; more is allowed only where every class has {k} training "
+                    f"images, and {name} has classes with only {min(counts.values(), default=0)}."
+                )
+    return shots, seeds
 
 
 def method_class(name: str):
@@ -88,7 +114,7 @@ def resolve_hparams(method: str, dataset: str, suite: str, sets: dict) -> tuple[
     overrides = suites()[suite].get("overrides", {}).get(method, {})
     hp = {**cls.defaults, **get_card(dataset).recipe_for(method), **overrides}
     hp.update({k: v for k, v in sets.items() if k in cls.defaults})
-    return hp, dict(overrides)
+    return validate(method, hp, cls.schema), dict(overrides)
 
 
 def build_grid(

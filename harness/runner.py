@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import harness
@@ -33,7 +34,7 @@ from harness.data.demo import ensure_demo
 from harness.data.fewshot import manifest_for
 from harness.data.readers import DatasetSplits, read_dataset
 from harness.data.splitfiles import read_split_files
-from harness.errors import DataError, HarnessError
+from harness.errors import DataError, DivergedError, HarnessError
 from harness.grid import RunSpec
 from harness.records import mark_running
 from methods import REGISTRY, ImageSet, Task
@@ -139,6 +140,16 @@ def device_label(device: str) -> str:
     return f"cuda:{torch.cuda.get_device_name()}" if device == "cuda" else "cpu"
 
 
+def check_predictions(logits: torch.Tensor, n_images: int, n_classes: int) -> None:
+    """A number is stored only from finite logits of the right shape (argmax of NaN is class 0:
+    chance accuracy that would look like a result)."""
+    if tuple(logits.shape) != (n_images, n_classes):
+        raise ValueError(f"predict returned logits of shape {tuple(logits.shape)}, expected ({n_images}, {n_classes})")
+    bad = int((~torch.isfinite(logits)).any(-1).sum())
+    if bad:
+        raise DivergedError(f"non-finite logits for {bad} of {n_images} test images (NaN/inf features or weights); no accuracy is stored")
+
+
 def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: ImageSet, feature_cache: dict, start_steps) -> dict:
     """Fit and evaluate one run; returns its record (status ok or failed)."""
     device = backbone.device.type
@@ -196,6 +207,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         with torch.no_grad():
             logits = method.predict(task, test)
         t2 = time.perf_counter()
+        check_predictions(logits, len(test), len(task.classnames))
         top1 = (logits.argmax(-1).cpu() == test.labels).float().mean().item() * 100
         record.update(status="ok", top1=top1, train_seconds=t1 - t0, eval_seconds=t2 - t1)
     except HarnessError:
@@ -281,6 +293,6 @@ def run_sweep(
                 result.failed += 1
                 first_line = record["error"].splitlines()[0]
                 result.failures.append(f"{spec.label}: {first_line}")
-                progress.console.print(f"[red]failed[/red] {spec.label}: {first_line}")
+                progress.console.print(Text.assemble(("failed", "red"), f" {spec.label}: {first_line}"))
             progress.advance(overall)
     return result

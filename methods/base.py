@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from harness.backbones import Backbone, encode_text
 from harness.cache import cached_tensor, digest
 from harness.cards import DatasetCard
-from harness.data.images import decode_items, eval_pixels, normalize
+from harness.data.images import content_key, decode_items, eval_pixels, normalize
 from harness.data.readers import Item
 from harness.errors import DivergedError
+from methods.hparams import Param
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -42,6 +43,7 @@ class Method:
     paper: ClassVar[str]
     deviations: ClassVar[str] = "none"
     defaults: ClassVar[dict] = {}
+    schema: ClassVar[dict[str, Param]] = {}  # type and valid range of each default (methods/hparams.py)
     uses_shots: ClassVar[bool] = True  # False: one run per dataset at shots=0 (zero-shot)
 
     def __init__(self, **hparams):
@@ -81,7 +83,9 @@ class ImageSet:
 
     @cached_property
     def key(self) -> str:
-        return digest(str(self.root.resolve()), self.dataset, [(i.path, i.label) for i in self.items])
+        """Names these images by content (see `content_key`): features and originals cached under it
+        are recomputed when any image changes on disk."""
+        return digest(self.dataset, content_key(self.root, self.items))
 
     def eval_pixels(self) -> torch.Tensor:
         if self._pixels is None:

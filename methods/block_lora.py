@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from methods.base import register
 from methods.clip_lora import CLIPLoRA
+from methods.hparams import Param
 from methods.lora import block_lora_factory
 
 
@@ -37,6 +38,13 @@ class BlockLoRA(CLIPLoRA):
         "chunk_norm": "none",  # none | n | sqrt_n
         "dropout_before_sum": True,
         "a_init_fan_in": "block",  # block | full
+    }
+    schema = {
+        **CLIPLoRA.schema,
+        "n_blocks": Param(int, ge=1),
+        "chunk_norm": Param(str, choices=("none", "n", "sqrt_n")),
+        "dropout_before_sum": Param(bool),
+        "a_init_fan_in": Param(str, choices=("block", "full")),
     }
 
     def make_adapter_factory(self):

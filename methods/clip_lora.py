@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from harness.backbones import encode_text
 from harness.data.images import AUGMENT_DEVIATION, normalize, random_resized_crops
 from methods.base import FiniteGuard, ImageSet, Method, Task, register
+from methods.hparams import Param
 from methods.lora import adapted_copy, lora_factory, merge_adapters
 
 ENCODERS = {"both": ("vision", "text"), "vision": ("vision",), "text": ("text",)}
@@ -102,6 +103,32 @@ class CLIPLoRA(Method):
         # 16-shot ImageNet fits in GPU memory; a named deviation when set (it is in the config).
         "max_short_side": None,
     }
+    schema = {
+        "r": Param(int, ge=1),
+        "alpha": Param(float, gt=0),
+        "dropout": Param(float, ge=0, lt=1),
+        "encoders": Param(str, choices=tuple(ENCODERS)),
+        "params": Param(str),
+        "lr": Param(float, gt=0),
+        "min_lr": Param(float, ge=0),
+        "weight_decay": Param(float, ge=0),
+        "betas": Param(list, item=float, length=2, ge=0, lt=1),
+        "batch_size": Param(int, ge=1),
+        "steps_per_shot": Param(int, ge=1),
+        "crop_scale": Param(list, item=float, length=2, gt=0, le=1),
+        "template": Param(str),
+        "logit_scale": Param(float, gt=0),
+        "max_short_side": Param(int, ge=1, optional=True),
+    }
+
+    @classmethod
+    def config_error(cls, hp: dict, card) -> str | None:
+        if "{}" not in hp["template"]:
+            return f"template '{hp['template']}' has no {{}} for the class name."
+        unknown = set(parse_params(hp["params"])) - set("qkvo")
+        if unknown or not parse_params(hp["params"]):
+            return f"params '{hp['params']}' must name some of q, k, v, o."
+        return None
 
     def make_adapter_factory(self):
         hp = self.hp

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from harness.backbones import encode_token_embeddings
 from harness.data.images import AUGMENT_DEVIATION, normalize, random_resized_crops
 from methods.base import ImageSet, Method, Task, check_finite, register
+from methods.hparams import Param
 
 
 def coop_lr(epoch: int, max_epoch: int, lr: float = 0.002, warmup_lr: float = 1e-5, warmup_epochs: int = 1) -> float:
@@ -110,6 +111,20 @@ class CoOp(Method):
         "warmup_lr": 1e-5,
         "batch_size": 32,
         "crop_scale": [0.08, 1.0],
+    }
+    schema = {
+        "n_ctx": Param(int, ge=1, le=72),
+        "ctx_init": Param(str),
+        "init_std": Param(float, gt=0),
+        "epochs": Param(int, ge=1, optional=True),
+        "epoch_scale": Param(float, gt=0),
+        "lr": Param(float, gt=0),
+        "momentum": Param(float, ge=0, lt=1),
+        "weight_decay": Param(float, ge=0),
+        "warmup_epochs": Param(int, ge=0),
+        "warmup_lr": Param(float, ge=0),
+        "batch_size": Param(int, ge=1),
+        "crop_scale": Param(list, item=float, length=2, gt=0, le=1),
     }
 
     def fit(self, task: Task) -> None:

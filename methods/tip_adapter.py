@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from harness.data.images import AUGMENT_DEVIATION, random_resized_crops
 from methods.base import ImageSet, Method, Task, check_finite, register
+from methods.hparams import Param
 
 SEARCH_DEVIATION = (
     "alpha/beta searched on the few-shot val subset, min(K, 4) per class (official: the full val split, "
@@ -123,6 +124,13 @@ class TipAdapter(Method):
         "search_split": "fewshot_val",  # or full_val (the official code's search split)
         "search_steps": [200, 20],
     }
+    schema = {
+        "augment_views": Param(int, ge=1),
+        "crop_scale": Param(list, item=float, length=2, gt=0, le=1),
+        "search": Param(bool),
+        "search_split": Param(str, choices=("fewshot_val", "full_val")),
+        "search_steps": Param(list, item=int, length=2, ge=1),
+    }
 
     def fit(self, task: Task) -> None:
         hp = self.hp
@@ -179,6 +187,15 @@ class TipAdapterF(TipAdapter):
         "eps": 1e-4,
         "weight_decay": 0.01,  # torch's AdamW default, which the official code keeps
         "batch_size": 256,
+    }
+    schema = {
+        **TipAdapter.schema,
+        "epochs": Param(int, ge=1),
+        "epoch_scale": Param(float, gt=0),
+        "lr": Param(float, gt=0),
+        "eps": Param(float, gt=0),
+        "weight_decay": Param(float, ge=0),
+        "batch_size": Param(int, ge=1),
     }
 
     def train_keys(self, task: Task, images: list[torch.Tensor]) -> None:

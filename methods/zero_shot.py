@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from methods.base import ImageSet, Method, Task, register
+from methods.hparams import Param
 
 
 @register
@@ -23,6 +24,7 @@ class ZeroShot(Method):
         "template (CLIP's own per-dataset ensembles are not reproduced)"
     )
     defaults = {"ensemble": False}
+    schema = {"ensemble": Param(bool)}
     uses_shots = False
 
     def fit(self, task: Task) -> None:

@@ -73,15 +73,29 @@ def decode_items(root: Path, items: list[Item], max_short_side: int | None = Non
     return _map(lambda it: to_tensor(cap_short_side(load_rgb(root / it.path), max_short_side)), items)
 
 
+def content_key(root: Path, items: list[Item]) -> str:
+    """A cache key that changes with the images' bytes: each file's path, label, size, mtime_ns,
+    ctime_ns and inode (a replaced, edited or re-copied image changes at least one; ctime cannot be
+    set back by hand), so no cache outlives its data. One stat per image, no reading."""
+    def fingerprint(it: Item):
+        try:
+            st = os.stat(root / it.path)
+        except FileNotFoundError:
+            raise DataError(f"Image {root / it.path} is missing. Check the dataset's image_dir with `harness data check`.") from None
+        return it.path, it.label, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+    return digest(str(Path(root).resolve()), [fingerprint(it) for it in items])
+
+
 def eval_pixels(root: Path, dataset: str, items: list[Item], size: int) -> torch.Tensor:
-    """[N, 3, size, size] uint8 evaluation pixels, decoded once and cached on disk."""
+    """[N, 3, size, size] uint8 evaluation pixels, decoded once and cached on disk (keyed by content)."""
 
     def decode() -> torch.Tensor:
         if not items:
             return torch.empty(0, 3, size, size, dtype=torch.uint8)
         return torch.stack(_map(lambda it: eval_view(load_rgb(root / it.path), size), items))
 
-    return cached_tensor("pixels", f"{dataset}/{size}px_{len(items)}_{digest(str(root.resolve()), [(i.path, i.label) for i in items])}", decode)
+    return cached_tensor("pixels", f"{dataset}/{size}px_{len(items)}_{content_key(root, items)}", decode)
 
 
 def normalize(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:

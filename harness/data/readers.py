@@ -42,7 +42,34 @@ def read_dataset(card: DatasetCard, data_root: Path) -> DatasetSplits:
         raise DataError(f"Dataset '{card.name}' is missing: expected CoOp's folder {root}.")
     reader = {"coop_split": _read_coop_split, "fgvc_aircraft": _read_fgvc, "imagenet": _read_imagenet}[card.reader]
     train, val, test, classnames = reader(card, root)
+    validate_labels(card, root / (card.split_file or ""), train + val + test, classnames)
     return DatasetSplits(card, root, train, val, test, classnames)
+
+
+def validate_labels(card: DatasetCard, source: Path, items: list[Item], classnames: list[str]) -> None:
+    """Labels must be exactly 0..C-1, one class name each, C as the card says: otherwise every class
+    after a gap would be scored against the wrong class name and the run would store a wrong number."""
+    names: dict[int, str] = {}
+    for it in items:
+        if names.setdefault(it.label, it.classname) != it.classname:
+            raise DataError(
+                f"Dataset '{card.name}': {source} gives label {it.label} two class names, '{names[it.label]}' and "
+                f"'{it.classname}' (e.g. at {it.path}). Each label must have one class name: fix the split file."
+            )
+    labels = sorted(names)
+    if labels != list(range(len(labels))):
+        odd = [label for label in labels if not 0 <= label < len(labels)]
+        gaps = sorted(set(range(len(labels))) - set(labels))
+        raise DataError(
+            f"Dataset '{card.name}': {source} has labels {', '.join(map(str, odd[:5]))} outside 0..{len(labels) - 1}"
+            f"{' (no image has label ' + ', '.join(map(str, gaps[:5])) + ')' if gaps else ''}. Labels must be exactly "
+            "0..C-1, in the order of the class names; restore the original split file."
+        )
+    if len(labels) != card.num_classes:
+        raise DataError(
+            f"Dataset '{card.name}': {source} has {len(labels)} classes, its card expects {card.num_classes}. Restore the "
+            "full split file, or declare your subset with your own card (a YAML file in a folder named by $HARNESS_CARDS)."
+        )
 
 
 def _rel(card: DatasetCard, name: str) -> str:
