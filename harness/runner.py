@@ -24,8 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 from rich.console import Console
-from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 import harness
 from harness.backbones import Backbone, load_backbone
