@@ -137,8 +137,8 @@ def test_data_check_reports_present_incomplete_missing(tmp_path):
     (tmp_path / "dtd").mkdir()
     (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text("{not json")
     results = {c.name: check_dataset(c, tmp_path) for c in suite_cards("standard")}
-    assert results["eurosat"].status == "incomplete"  # 3 classes / 15 test images against the card's 10 / 8100
-    assert "card expects 10" in results["eurosat"].detail and "card expects 8100" in results["eurosat"].detail
+    assert results["eurosat"].status == "incomplete"  # 15 test images against the card's 8100
+    assert "card expects 8100" in results["eurosat"].detail
     assert results["dtd"].status == "incomplete" and "unreadable" in results["dtd"].detail
     assert results["imagenet"].status == "missing" and results["imagenet"].path == tmp_path / "imagenet"
 
