@@ -301,6 +301,41 @@ def report(
 
 
 @app.command()
+def compare(
+    a: str = typer.Argument(..., help="Method A (as the report names it, e.g. coop_ctx4)."),
+    b: str = typer.Argument(..., help="Method B: the difference printed is B minus A."),
+    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
+    shots: Optional[str] = typer.Option(None, help="Only these shot counts, e.g. 1,16."),
+    backbone: Optional[str] = typer.Option(None, "-b", "--backbone", help="Only this backbone."),
+    suite: Optional[str] = typer.Option(None, help="Only this suite (standard or demo)."),
+):
+    """Paired comparison of two methods over the runs they share: mean difference with its 95 %
+    interval, wins/ties/losses over datasets, and a paired test (Wilcoxon, or sign test when few)."""
+    from harness.compare import compare as compare_methods
+    from harness.report import load_runs, ok_runs
+
+    db_path = paths.db_path(db)
+    _ingest_pending(db_path)
+    runs, _ = load_runs(db_path, published=False)
+    ok, _ = ok_runs(runs)
+    if suite:
+        ok = ok[ok["suite"] == suite]
+    if backbone:
+        ok = ok[ok["backbone"] == backbone]
+    if shots:
+        wanted = _ints(shots, "--shots")
+        ok = ok[ok["shots"].isin(wanted + [0])]  # a zero-shot reference has no shots
+    result = compare_methods(ok, a, b)
+    table = Table("dataset", a, b, f"{b} - {a}", title=f"{len(result.pairs)} paired runs")
+    for row in result.per_dataset.itertuples():
+        table.add_row(row.dataset, f"{row.a:.2f}", f"{row.b:.2f}", f"{row.diff:+.2f}")
+    console.print(table)
+    c = result.cells
+    console.print(Text(f"wins/ties/losses of {b} over (dataset, shots) cells: {c.wins}/{c.ties}/{c.losses}"))
+    console.print(Text(result.verdict))
+
+
+@app.command()
 def check(
     db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
     baseline: Path = typer.Option(Path("results/baselines/demo.csv"), help="Baseline CSV to compare with."),
