@@ -114,7 +114,7 @@ def resolve_hparams(method: str, dataset: str, suite: str, sets: dict) -> tuple[
     overrides = suites()[suite].get("overrides", {}).get(method, {})
     hp = {**cls.defaults, **get_card(dataset).recipe_for(method), **overrides}
     hp.update({k: v for k, v in sets.items() if k in cls.defaults})
-    return validate(method, hp, cls.schema), dict(overrides)
+    return cls.resolve(validate(method, hp, cls.schema)), dict(overrides)
 
 
 def build_grid(

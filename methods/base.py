@@ -59,6 +59,12 @@ class Method:
         return 0
 
     @classmethod
+    def resolve(cls, hp: dict) -> dict:
+        """The validated hyper-parameters with file references replaced by their content, so a run
+        is keyed by what it used (e.g. zero-shot's template file), never by a path."""
+        return hp
+
+    @classmethod
     def config_error(cls, hp: dict, card: DatasetCard) -> str | None:
         """Why this resolved config cannot run on this dataset (checked before any run), or None."""
         return None

@@ -237,3 +237,22 @@ def test_corrupt_weights_file_says_so(tmp_path, capsys):
     assert run_cli(["run", "--suite", "demo", "-m", "zero_shot", "-d", "demo_shapes", "--weights", str(tmp_path / "objects.pt"), "--db", str(tmp_path / "d.duckdb")]) == 2
     err = capsys.readouterr().err.replace("\n", " ")
     assert "holds Python objects" in err and "weights_only" not in err
+
+
+def test_zero_shot_template_sets_are_separate_runs_keyed_by_content(tmp_path, capsys):
+    templates = tmp_path / "mine.txt"
+    templates.write_text("a photo of a {}.\na drawing of a {}.\n")
+    db = tmp_path / "d.duckdb"
+    base = ["run", "--suite", "demo", "-m", "zero_shot", "-d", "demo_shapes", "--seeds", "1", "--db", str(db)]
+    for choice in ("card", "ensemble", str(templates)):
+        assert run_cli(base + ["--set", f"templates={choice}"]) == 0
+    rows = stored(db)
+    assert [json.loads(r[6])["hparams"]["templates"] for r in rows] == ["card", "ensemble", ["a photo of a {}.", "a drawing of a {}."]]
+    assert rows[0][4] != rows[2][4]  # another template set, another accuracy
+    moved = tmp_path / "moved.txt"
+    templates.rename(moved)
+    capsys.readouterr()
+    assert run_cli(base + ["--set", f"templates={moved}"]) == 0  # same content elsewhere: the same run
+    assert "Nothing to do" in capsys.readouterr().out
+    moved.write_text("no placeholder here\n")
+    assert run_cli(base + ["--set", f"templates={moved}"]) == 2
