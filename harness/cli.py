@@ -77,7 +77,7 @@ def run(
     from harness.grid import build_grid, check_grid, method_class, parse_sets
     from harness.records import default_records_dir, ingest
     from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
-    from harness.store import completed_hashes, write_record
+    from harness.store import completed_hashes, store_or_keep
     from methods import REGISTRY
 
     methods = list(REGISTRY) if all_methods else list(dict.fromkeys(_split(method)))
@@ -145,20 +145,24 @@ def run(
             grid,
             datasets=datasets,
             done=done,
-            store=lambda record: write_record(db_path, record),
+            store=lambda record: store_or_keep(db_path, record, records_dir),
             weights_paths=weights_paths,
             device=dev,
             console=console,
         )
     except KeyboardInterrupt:
         raise HarnessError(
-            f"Interrupted. Every run that finished is stored in {db_path}; the run in progress was discarded. "
+            f"Interrupted. Every run that finished is stored in {db_path} (or kept in {records_dir}, ingested by the "
+            "next run); the run in progress was discarded. "
             "Run the same command again to resume."
         ) from None
     console.print(f"{result.ok} ok, {result.failed} failed, {result.skipped} skipped (already complete). Database: {db_path}")
     from harness.published import load_published
 
-    load_published(db_path)  # published numbers queryable beside the runs (table `published`)
+    try:
+        load_published(db_path)  # published numbers queryable beside the runs (table `published`)
+    except HarnessError as exc:  # every run is stored already; only the convenience table is stale
+        Console(stderr=True).print(Text(f"warning: the published table was not refreshed: {exc}"))
     if result.failed:
         console.print(Text.assemble(("Failed runs:", "red"), "\n  " + "\n  ".join(result.failures)))
         raise typer.Exit(1)
@@ -183,7 +187,7 @@ def ingest(
 
     db_path = paths.db_path(db)
     folder = records or default_records_dir(db_path)
-    console.print(f"Ingested {ingest_records(folder, db_path)} record files from {folder} into {db_path}.")
+    console.print(f"Ingested {ingest_records(folder, db_path)} runs from the record files in {folder} into {db_path}.")
 
 
 @app.command()

@@ -19,8 +19,16 @@ def cache_dir() -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write then rename, so a reader never sees half a file."""
+    """Write then rename, so a reader never sees half a file; a failed write (full disk, unwritable
+    folder, text that cannot be encoded) removes its temporary file and re-raises, leaving no debris."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise

@@ -1,4 +1,5 @@
-"""Published numbers (results/published/*.csv) as the DuckDB table `published`, beside our `runs`.
+"""Published numbers (results/published/*.csv): read in memory by the report and check (which never
+write), and copied into the DuckDB table `published` beside our `runs` by `harness run`, for queries.
 
 The CSVs live in the repository's `results/published/` folder, installed as the data-only package
 `harness.published_data` (the same pattern as the dataset cards), so the report and the gap table
@@ -83,7 +84,8 @@ def published_frame() -> pd.DataFrame:
 
 
 def load_published(db: Path) -> int:
-    """Replace the contents of table `published` with the shipped CSVs (idempotent); returns the row count."""
+    """Replace the contents of table `published` with the shipped CSVs (idempotent); returns the row count.
+    Writes the database, so only `harness run` calls it; readers use `published_frame()`."""
     frame = published_frame()
     with connect(db) as con:
         con.register("published_df", frame)

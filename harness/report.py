@@ -24,7 +24,7 @@ from markupsafe import Markup
 
 import harness
 from harness.errors import HarnessError
-from harness.published import display_name, load_published
+from harness.published import display_name, published_frame
 from harness.store import connect
 
 CELL = ["suite", "backbone", "method", "dataset", "shots"]
@@ -40,18 +40,18 @@ PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "duckdb", "panda
 
 def load_runs(db: Path, published: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """All runs (with a `method` display name; the registry name kept as `base_method`) and, if asked, the
-    published table (refreshed from the shipped CSVs first, so the report always shows the shipped numbers)."""
+    published numbers, read from the shipped CSVs (so the report always shows the shipped numbers).
+    Read-only: the database is opened read-only and never written, so a report works on a read-only
+    folder, a full disk, or beside a running sweep."""
     db = Path(db)
     if not db.is_file():
         raise HarnessError(f"No run database at {db}. Run `harness run ...` first, or pass --db PATH (env HARNESS_DB).")
-    if published:
-        load_published(db)
     with connect(db, read_only=True) as con:
         tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
         if "runs" not in tables:
             raise HarnessError(f"{db} has no `runs` table: it is not a harness run database. Pass --db PATH.")
         runs = con.execute("SELECT * FROM runs").df()
-        published = con.execute("SELECT * FROM published").df() if published else None
+    published = published_frame() if published else None
     runs["base_method"] = runs["method"]
     runs["method"] = [display_name(m, c) for m, c in zip(runs["base_method"], runs["config"])]
     runs["suite"] = runs["suite"].fillna("unknown")

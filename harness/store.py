@@ -1,12 +1,19 @@
 """The DuckDB run store: one row per run key (config hash), each written in its own transaction.
 
-DuckDB allows one writing process per file, so the store opens the file only for the moment it
-reads or writes, and a lock held by another process becomes a clear error, not a traceback.
+DuckDB allows one process per file at a time, so the store opens the file only for the moment it
+reads or writes and, when another process holds it, waits for it (HARNESS_DB_LOCK_WAIT seconds,
+default 30) before giving up. Every way the file can fail (locked, corrupt, unwritable folder, full
+disk, a `runs` table without its key) becomes a HarnessError that names the cause and the fix, and
+`store_or_keep` keeps a finished run as a JSON record when the database cannot take it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,32 +51,174 @@ COLUMNS = {
 }
 
 
+LOCK_WAIT_ENV = "HARNESS_DB_LOCK_WAIT"
+_CORRUPT = ("not a valid duckdb database", "could not read enough bytes", "corrupt", "checksum", "serialization error",
+            "database file with version number")
+_FAMILIES = {"VARCHAR": "text", "JSON": "text", "TINYINT": "number", "SMALLINT": "number", "INTEGER": "number",
+             "BIGINT": "number", "HUGEINT": "number", "DOUBLE": "number", "FLOAT": "number"}
+
+
+def lock_wait() -> float:
+    """Seconds to wait for another process's lock on the database (env HARNESS_DB_LOCK_WAIT, default 30)."""
+    raw = os.environ.get(LOCK_WAIT_ENV, "30")
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        raise HarnessError(f"{LOCK_WAIT_ENV} must be a number of seconds, not '{raw}'.") from None
+
+
+def _locked(exc: BaseException) -> bool:
+    low = str(exc).lower()
+    return "could not set lock" in low or "conflicting lock" in low
+
+
+def explain(exc: BaseException, path: Path, read_only: bool = False) -> HarnessError | None:
+    """The user's version of a storage failure (locked, full disk, unwritable folder, corrupt file), or
+    None when `exc` is none of these (a bug or a bad query: it keeps its traceback)."""
+    path = Path(path)
+    text = str(exc) or type(exc).__name__
+    first, low, code = text.splitlines()[0], text.lower(), getattr(exc, "errno", None)
+    if _locked(exc):
+        held = re.search(r"held in (.+?) \(PID (\d+)\)", text)
+        holder = f"{held.group(1)}, PID {held.group(2)}" if held else "another process"
+        return HarnessError(
+            f"The run database {path} is locked: another process ({holder}) has it open, probably another harness "
+            f"command writing to it. Waited {lock_wait():g} s ({LOCK_WAIT_ENV}). Wait for it to finish, or use another "
+            "file with --db."
+        )
+    if code == errno.ENOSPC or "no space left" in low or "disk is full" in low or "disk full" in low:
+        return HarnessError(
+            f"The disk holding the run database {path} is full ({first}). Free some space, or use --db on another disk."
+        )
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "permission denied" in low or "read-only file system" in low:
+        if read_only:
+            return HarnessError(f"The run database {path} cannot be read ({first}). Check its permissions, or pass --db.")
+        return HarnessError(
+            f"The run database {path} cannot be written: its folder {path.parent} is read-only or not writable "
+            f"({first}). DuckDB writes the database and its write-ahead log ({path.name}.wal) there. "
+            "Use --db with a writable folder, or make this one writable."
+        )
+    if any(word in low for word in _CORRUPT):
+        return HarnessError(
+            f"{path} is not a readable DuckDB database ({first}): the file is truncated, damaged or not a DuckDB file. "
+            f"Move it aside (mv {path} {path}.broken) so the harness starts a new one, or pass --db PATH; run records "
+            "kept as JSON files can be loaded again with `harness ingest`."
+        )
+    return None
+
+
+def _raise_explained(exc: BaseException, path: Path, read_only: bool = False) -> None:
+    problem = explain(exc, path, read_only)
+    if problem is not None:
+        raise problem from None
+
+
+def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """Open the file, retrying with back-off while another process holds DuckDB's lock on it."""
+    if not read_only:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _raise_explained(exc, path)
+            raise
+        if not os.access(path.parent, os.W_OK):  # DuckDB would open the file, then fail at the first write (WAL)
+            _raise_explained(PermissionError(errno.EACCES, "no write permission on the folder"), path)
+    deadline, delay = time.monotonic() + lock_wait(), 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.Error as exc:
+            left = deadline - time.monotonic()
+            if _locked(exc) and left > 0:
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 1.0)
+                continue
+            _raise_explained(exc, path, read_only)
+            raise
+
+
+def _family(kind: str) -> str:
+    """Types that hold the same values alike: a restored table may say BIGINT where we say INTEGER."""
+    kind = kind.split()[0].upper()
+    if kind.startswith(("TIMESTAMP", "DECIMAL")):
+        return "time" if kind.startswith("TIMESTAMP") else "number"
+    return _FAMILIES.get(kind, kind)
+
+
+def _check_runs(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Refuse a `runs` table that is not ours: without its PRIMARY KEY on config_hash a run would be
+    stored twice (ON CONFLICT needs the key), and a column of another type would break the report."""
+    where = "WHERE database_name = current_database() AND schema_name = 'main' AND table_name = 'runs'"
+    have = dict(con.execute(f"SELECT column_name, data_type FROM duckdb_columns() {where}").fetchall())
+    if not have:
+        return
+    keys = con.execute(
+        f"SELECT constraint_column_names FROM duckdb_constraints() {where} AND constraint_type = 'PRIMARY KEY'"
+    ).fetchall()
+    repair = f"python -c \"from harness.store import repair_runs; repair_runs('{path}')\""
+    if [list(k[0]) for k in keys] != [["config_hash"]]:
+        raise HarnessError(
+            f"The `runs` table in {path} has no PRIMARY KEY on config_hash (was it restored or copied without its "
+            f"key?), so a run could be stored twice. Repair it once with: {repair} "
+            "(keeps the newest finished attempt of each config hash), then run the command again."
+        )
+    wrong = [f"{n} is {have[n]}, expected {k.split()[0]}" for n, k in COLUMNS.items()
+             if n in have and _family(have[n]) != _family(k)]
+    if wrong:
+        raise HarnessError(
+            f"The `runs` table in {path} is not as the harness writes it ({'; '.join(wrong)}). Repair it with: {repair}"
+        )
+
+
 @contextmanager
 def connect(path: Path, read_only: bool = False):
+    """A connection for one read or write; creates (or upgrades) `runs` when writing, checks it always."""
     path = Path(path)
     if read_only and not path.is_file():
         raise HarnessError(f"No run database at {path}. Run `harness run ...` first, or pass --db PATH.")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    con = _open(path, read_only)
     try:
-        con = duckdb.connect(str(path), read_only=read_only)
-    except duckdb.IOException as exc:
-        raise HarnessError(
-            f"The run database {path} is locked or unreadable ({str(exc).splitlines()[0]}). Another harness process "
-            "is probably writing to it: wait for it to finish, or use another file with --db."
-        ) from None
+        try:
+            if not read_only:
+                con.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(f'{n} {k}' for n, k in COLUMNS.items())})")
+            _check_runs(con, path)
+            if not read_only:
+                for name, kind in COLUMNS.items():  # databases written by an older harness gain new columns
+                    if "PRIMARY" not in kind:
+                        con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {name} {kind}")
+            yield con
+        finally:
+            con.close()  # a full disk may show only here, at the checkpoint
+    except (duckdb.Error, OSError) as exc:
+        _raise_explained(exc, path, read_only)
+        raise
+
+
+def repair_runs(path: Path) -> int:
+    """Rebuild `runs` with the harness's columns and key, one row per config hash (the newest finished
+    attempt), in one transaction; returns the rows kept. For a table restored without its key."""
+    con = duckdb.connect(str(path))
     try:
-        if not read_only:
-            columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
-            con.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns})")
-            for name, kind in COLUMNS.items():  # databases written by an older harness gain new columns
-                if "PRIMARY" not in kind:
-                    con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {name} {kind}")
-        yield con
+        names = con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'runs'").fetchall()
+        have = {r[0] for r in names}
+        common = ", ".join(n for n in COLUMNS if n in have)
+        con.execute("BEGIN")
+        con.execute("ALTER TABLE runs RENAME TO runs_before_repair")
+        con.execute(f"CREATE TABLE runs ({', '.join(f'{n} {k}' for n, k in COLUMNS.items())})")
+        con.execute(
+            f"INSERT INTO runs ({common}) SELECT {common} FROM runs_before_repair WHERE config_hash IS NOT NULL "
+            "QUALIFY row_number() OVER (PARTITION BY config_hash ORDER BY finished_at DESC NULLS LAST) = 1"
+        )
+        con.execute("DROP TABLE runs_before_repair")
+        con.execute("COMMIT")
+        return con.execute("SELECT count(*) FROM runs").fetchone()[0]
     finally:
         con.close()
 
 
 def completed_hashes(path: Path) -> set[str]:
+    """Opened for writing on purpose: `harness run` asks first, so a database it could not write to
+    (locked, corrupt, read-only folder) stops the sweep before any training, not after it."""
     if not Path(path).is_file():
         return set()
     with connect(path) as con:
@@ -97,6 +246,37 @@ def write_record(path: Path, record: dict) -> None:
         insert_record(con, record)
 
 
+def store_or_keep(db: Path, record: dict, records: Path) -> None:
+    """Store a finished run; when the database cannot take it (still locked after the wait, corrupt,
+    unwritable, full), keep it as a JSON record in `records` and stop with a message saying how to load
+    it later, so a finished run is never thrown away. If even that fails, the message carries its numbers.
+    Ctrl-C while waiting for a lock also keeps the record (then re-raises), for the next run to ingest."""
+    from harness.records import write_record_file  # records imports this module
+
+    try:
+        write_record(db, record)
+        return
+    except KeyboardInterrupt:
+        write_record_file(records, record)
+        raise
+    except (HarnessError, duckdb.Error, OSError) as exc:
+        why = str(exc)
+
+    try:
+        kept = write_record_file(records, record)
+    except Exception as exc:  # noqa: BLE001 - whatever happened, the numbers must reach the user
+        keys = ("method", "dataset", "backbone", "shots", "seed", "status", "top1", "config_hash")
+        numbers = ", ".join(f"{k}={record.get(k)}" for k in keys)
+        raise HarnessError(
+            f"A finished run could not be stored in {db} ({why}) nor kept as a JSON record in {records} ({exc}). "
+            f"Its result, for your notes: {numbers}."
+        ) from None
+    raise HarnessError(
+        f"A finished run could not be stored in {db}: {why}\nThe run was kept in {kept}. Once the database is fixed, "
+        f"run `harness ingest --db {db} --records {records}` to store it (or run the same command again)."
+    )
+
+
 def runs_frame(path: Path) -> pd.DataFrame:
-    with connect(path) as con:
+    with connect(path, read_only=True) as con:
         return con.execute("SELECT * FROM runs ORDER BY started_at").df()

@@ -158,7 +158,8 @@ def test_ctrl_c_keeps_completed_runs_and_the_next_invocation_resumes(tmp_path, m
     assert len(stored) == 9 and len({(r[1], r[3]) for r in stored}) == 9
 
 
-def test_locked_database_is_a_clear_error(tmp_path, capsys):
+def test_locked_database_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HARNESS_DB_LOCK_WAIT", "1")
     db = tmp_path / "d.duckdb"
     holder = subprocess.Popen(
         [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('ready', flush=True); time.sleep(60)"],

@@ -3,11 +3,14 @@
 Each dataset has 8 classes a model can learn to tell apart (shapes, colours, textures), real PNG
 files under `images/<class>/` and a `split_zhou_<Title>.json`, so it goes through exactly the same
 reader, sampler and cache code as the real datasets. Nothing here depends on the machine: the
-same bytes are drawn everywhere for a given generator version.
+same bytes are drawn everywhere for a given generator version. A dataset counts as present only
+with its completion marker (written last, holding a hash of what drew it), so a folder left half
+drawn, or drawn by another generator, is drawn again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,6 +35,21 @@ COLOURS = {
 }
 TEXTURES = ["striped", "checkered", "dotted", "zigzagged", "grid", "speckled", "banded", "blotchy"]
 CLASSNAMES = {"shapes": SHAPES, "colours": list(COLOURS), "textures": TEXTURES}
+MARKER = ".complete"  # written last, inside the dataset folder
+
+
+def fingerprint(card: DatasetCard) -> str:
+    """What the drawn bytes depend on: the generator version and settings, and the card's layout."""
+    fields = [GENERATOR_VERSION, SIZE, PER_CLASS, CLASSNAMES[card.generator],
+              card.name, card.generator, card.folder, card.image_dir, card.split_file]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def is_complete(card: DatasetCard, root: Path) -> bool:
+    try:
+        return (root / card.folder / MARKER).read_text().strip() == fingerprint(card)
+    except OSError:
+        return False
 
 
 def demo_root() -> Path:
@@ -123,9 +141,10 @@ def draw_image(generator: str, cls: str, rng: np.random.Generator) -> Image.Imag
 
 
 def generate(card: DatasetCard, root: Path) -> None:
-    """Draw the dataset into a temporary folder, then move it into place in one rename."""
+    """Draw the dataset into a temporary folder, marker last, then move it into place in one rename;
+    a folder without the right marker (a killed run, an older generator) is moved aside and drawn again."""
     target = root / card.folder
-    if target.is_dir():
+    if is_complete(card, root):
         return
     tmp = root / f".{card.folder}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -142,6 +161,14 @@ def generate(card: DatasetCard, root: Path) -> None:
                 draw_image(card.generator, cls, rng).save(path)
                 split[part].append([rel, label, cls])
     (tmp / card.split_file).write_text(json.dumps(split))
+    (tmp / MARKER).write_text(fingerprint(card))
+    if target.exists() and not is_complete(card, root):  # half drawn: rename first, so no reader sees it go
+        stale = root / f".{card.folder}.{os.getpid()}.stale"
+        try:
+            os.rename(target, stale)
+        except FileNotFoundError:  # another process moved it first
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         os.rename(tmp, target)
     except OSError:  # another process finished first; its copy is identical
