@@ -1,0 +1,129 @@
+"""Runs -> per-dataset cells and the leaderboard (averages over datasets, flags, ranks): the one
+place numbers are aggregated, so the HTML, the exports and `harness check` agree."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from harness.errors import HarnessError
+from harness.published import display_name, published_frame
+from harness.store import connect
+
+CELL = ["suite", "backbone", "method", "dataset", "shots"]
+SEED_MARK = "\u2020"  # dagger: fewer seeds than the grid's maximum
+DATA_MARK = "\u2021"  # double dagger: datasets missing from the average
+
+
+def load_runs(db: Path, published: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """All runs (with a `method` display name; the registry name kept as `base_method`) and, if asked, the
+    published numbers, read from the shipped CSVs (so the report always shows the shipped numbers).
+    Read-only: the database is opened read-only and never written, so a report works on a read-only
+    folder, a full disk, or beside a running sweep."""
+    db = Path(db)
+    if not db.is_file():
+        raise HarnessError(f"No run database at {db}. Run `harness run ...` first, or pass --db PATH (env HARNESS_DB).")
+    with connect(db, read_only=True) as con:
+        tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        if "runs" not in tables:
+            raise HarnessError(f"{db} has no `runs` table: it is not a harness run database. Pass --db PATH.")
+        runs = con.execute("SELECT * FROM runs").df()
+    published = published_frame() if published else None
+    runs["base_method"] = runs["method"]
+    runs["method"] = [display_name(m, c) for m, c in zip(runs["base_method"], runs["config"])]
+    runs["suite"] = runs["suite"].fillna("unknown")
+    return runs, published
+
+
+def ok_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Successful runs, one per (cell, seed): the latest wins when configs differ; returns how many were superseded."""
+    ok = runs[runs["status"] == "ok"].sort_values("finished_at", na_position="first")
+    latest = ok.drop_duplicates(CELL + ["seed"], keep="last")
+    return latest, len(ok) - len(latest)
+
+
+def per_dataset(ok: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sample std and seed count of top-1 per (suite, backbone, method, dataset, shots)."""
+    grouped = ok.groupby(CELL)["top1"]
+    out = grouped.agg(mean="mean", std="std", n_seeds="count").reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out
+
+
+@dataclass
+class Aggregate:
+    runs: pd.DataFrame
+    ok: pd.DataFrame
+    failed: pd.DataFrame
+    published: pd.DataFrame
+    datasets: pd.DataFrame  # per_dataset, with expected_seeds
+    leaderboard: pd.DataFrame  # per (suite, backbone, method, shots): averages over datasets, flags, rank
+    grids: dict = field(default_factory=dict)  # (suite, backbone) -> {"datasets": [...], "seeds": [...], "shots": [...]}
+    superseded: int = 0
+
+
+def aggregate(runs: pd.DataFrame, published: pd.DataFrame) -> Aggregate:
+    ok, superseded = ok_runs(runs)
+    failed = runs[runs["status"] != "ok"].copy()
+    grids = {}
+    for (suite, backbone), group in runs.groupby(["suite", "backbone"]):
+        grids[(suite, backbone)] = {
+            "datasets": sorted(group["dataset"].unique()),
+            "seeds": sorted(int(s) for s in group["seed"].unique()),
+            "shots": sorted(int(s) for s in group.loc[group["shots"] > 0, "shots"].unique()),
+        }
+    datasets = per_dataset(ok)
+    datasets["expected_seeds"] = [len(grids[(s, b)]["seeds"]) for s, b in zip(datasets["suite"], datasets["backbone"])]
+    datasets["complete"] = datasets["n_seeds"] >= datasets["expected_seeds"]
+    rows = []
+    for (suite, backbone, method, shots), cell in datasets.groupby(["suite", "backbone", "method", "shots"]):
+        expected = grids[(suite, backbone)]["datasets"]
+        present = sorted(cell["dataset"])
+        seeds = ok[(ok.suite == suite) & (ok.backbone == backbone) & (ok.method == method) & (ok.shots == shots)]
+        per_seed = seeds.groupby("seed").agg(avg=("top1", "mean"), n=("dataset", "nunique"))
+        complete = per_seed[per_seed["n"] == len(expected)]["avg"]
+        rows.append(
+            {
+                "suite": suite,
+                "backbone": backbone,
+                "method": method,
+                "shots": int(shots),
+                "mean": cell["mean"].mean(),
+                "std": complete.std() if len(complete) > 1 else (0.0 if len(complete) == 1 else math.nan),
+                "n_seeds": int(cell["n_seeds"].min()),
+                "expected_seeds": len(grids[(suite, backbone)]["seeds"]),
+                "n_datasets": len(present),
+                "expected_datasets": len(expected),
+                "missing_datasets": ",".join(d for d in expected if d not in present),
+            }
+        )
+    board = pd.DataFrame(rows, columns=[
+        "suite", "backbone", "method", "shots", "mean", "std", "n_seeds", "expected_seeds",
+        "n_datasets", "expected_datasets", "missing_datasets",
+    ])
+    board["complete"] = (board["n_seeds"] >= board["expected_seeds"]) & (board["n_datasets"] >= board["expected_datasets"])
+    board["flag"] = [
+        (SEED_MARK if s < es else "") + (DATA_MARK if d < ed else "")
+        for s, es, d, ed in zip(board["n_seeds"], board["expected_seeds"], board["n_datasets"], board["expected_datasets"])
+    ]
+    # Rank complete few-shot cells within each (suite, backbone, shots) column; references (shots=0) are not ranked.
+    rankable = board["complete"] & (board["shots"] > 0)
+    board["rank"] = pd.NA
+    board.loc[rankable, "rank"] = (
+        board[rankable].groupby(["suite", "backbone", "shots"])["mean"].rank(ascending=False, method="min").astype(int)
+    )
+    board = board.sort_values(["suite", "backbone", "shots", "mean"], ascending=[True, True, True, False]).reset_index(drop=True)
+    return Aggregate(runs, ok, failed, published, datasets, board, grids, superseded)
+
+
+def method_order(board: pd.DataFrame) -> list[str]:
+    """References (shots=0) first, then methods by mean rank over shot columns (best first), then unranked."""
+    refs = sorted(board.loc[board["shots"] == 0, "method"].unique())
+    few = board[(board["shots"] > 0) & ~board["method"].isin(refs)]
+    mean_rank = few.groupby("method")["rank"].agg(lambda r: pd.to_numeric(r, errors="coerce").mean())
+    mean_acc = few.groupby("method")["mean"].mean()
+    key = {m: (0 if pd.notna(mean_rank.get(m)) else 1, mean_rank.get(m) if pd.notna(mean_rank.get(m)) else 0, -mean_acc[m]) for m in mean_acc.index}
+    return refs + sorted(key, key=key.get)

@@ -1,0 +1,148 @@
+"""Plots as inline SVG (matplotlib): accuracy against shots, and accuracy against cost."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pandas as pd
+from markupsafe import Markup
+
+from harness.report.aggregate import Aggregate
+
+
+def method_colours(methods: list[str]) -> dict[str, str]:
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors + matplotlib.colormaps["Dark2"].colors
+    return {m: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, m in enumerate(sorted(methods))}
+
+
+def svg(fig, name: str) -> Markup:
+    """Inline SVG with text kept as text, and ids salted by figure name so several SVGs share one page safely."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": name}):
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
+    text = buf.getvalue()
+    return Markup(text[text.index("<svg"):])
+
+
+def _shot_axis(ax, shots: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots)
+    ax.set_xticklabels([str(s) for s in shots])
+    ax.minorticks_off()
+    ax.grid(True, alpha=0.3)
+
+
+def curves_svg(agg: Aggregate, suite: str, backbone: str, colours: dict[str, str]) -> Markup | None:
+    """Accuracy vs shots: the average first, then each dataset; ours solid (± std band), published dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    grid = agg.grids[(suite, backbone)]
+    shots = grid["shots"]
+    if not shots:  # zero-shot only: nothing to draw against shots
+        return None
+    board = agg.leaderboard[(agg.leaderboard.suite == suite) & (agg.leaderboard.backbone == backbone)]
+    per_ds = agg.datasets[(agg.datasets.suite == suite) & (agg.datasets.backbone == backbone)]
+    pub = agg.published[agg.published.backbone == backbone]
+    panels = [("average", board)] + [(d, per_ds[per_ds.dataset == d]) for d in grid["datasets"]]
+    # A published average is drawn only beside an average over the same datasets.
+    same_datasets = set(grid["datasets"]) == set(pub.loc[pub.dataset != "average", "dataset"])
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False)
+    xs = shots
+    used = []
+    for ax, (title, frame) in zip(axes.flat, panels):
+        for method in sorted(frame["method"].unique()):
+            mine = frame[frame.method == method].sort_values("shots")
+            colour = colours[method]
+            theirs = pub[(pub.method == method) & (pub.dataset == title)] if title != "average" or same_datasets else pub.iloc[:0]
+            if (mine["shots"] == 0).all():  # zero-shot reference: flat line across the shot axis
+                value = mine["mean"].iloc[0]
+                ax.axhline(value, color=colour, lw=1.4, ls=(0, (1, 1.5)))
+                ref = theirs[theirs.shots == 0]["top1"]
+                if len(ref):
+                    ax.axhline(ref.iloc[0], color=colour, lw=1.0, ls="--", alpha=0.7)
+            else:
+                mine = mine[mine.shots > 0]
+                ax.plot(mine["shots"], mine["mean"], color=colour, marker="o", ms=3.5, lw=1.8)
+                ax.fill_between(mine["shots"], mine["mean"] - mine["std"].fillna(0), mine["mean"] + mine["std"].fillna(0), color=colour, alpha=0.15, lw=0)
+                theirs = theirs[theirs.shots > 0].sort_values("shots")
+                if len(theirs):
+                    ax.plot(theirs["shots"], theirs["top1"], color=colour, ls="--", marker="x", ms=4, lw=1.1, alpha=0.8)
+            used.append(method)
+        ax.set_title("Average over datasets" if title == "average" else title, fontsize=10, fontweight="bold" if title == "average" else "normal")
+        _shot_axis(ax, xs)
+        ax.tick_params(labelsize=8)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("top-1 (%)", fontsize=9)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("shots per class", fontsize=9)
+    handles = [Line2D([], [], color=colours[m], marker="o", ms=4, lw=2, label=m) for m in sorted(set(used))]
+    handles += [
+        Line2D([], [], color="#555", lw=1.8, label="ours (mean \u00b1 std)"),
+        Line2D([], [], color="#555", lw=1.1, ls="--", marker="x", label="published"),
+        Line2D([], [], color="#555", lw=1.4, ls=(0, (1, 1.5)), label="0-shot reference"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8.5, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.06 if nrows > 1 else 0.1, 1, 1))
+    return svg(fig, f"curves-{suite}-{backbone}")
+
+
+def efficiency(agg: Aggregate, suite: str, backbone: str) -> tuple[pd.DataFrame, int | None]:
+    """Per method at the largest shot count: average accuracy, trainable params, train time, peak memory."""
+    ok = agg.ok[(agg.ok.suite == suite) & (agg.ok.backbone == backbone)]
+    shots = agg.grids[(suite, backbone)]["shots"]
+    k = max(shots) if shots else None
+    sel = ok[(ok.shots == k) | (ok.shots == 0)]
+    board = agg.leaderboard[(agg.leaderboard.suite == suite) & (agg.leaderboard.backbone == backbone)]
+    rows = []
+    for method, group in sel.groupby("method"):
+        cell = board[(board.method == method) & (board.shots == group["shots"].iloc[0])]
+        rows.append({
+            "method": method,
+            "shots": int(group["shots"].iloc[0]),
+            "accuracy": cell["mean"].iloc[0] if len(cell) else math.nan,
+            "flag": cell["flag"].iloc[0] if len(cell) else "",
+            "trainable_params": float(group["trainable_params"].median()),
+            "train_seconds": float(group["train_seconds"].mean()),
+            "peak_mem_mb": float(group["peak_mem_mb"].mean()),
+        })
+    frame = pd.DataFrame(rows, columns=["method", "shots", "accuracy", "flag", "trainable_params", "train_seconds", "peak_mem_mb"])
+    return frame.sort_values("accuracy", ascending=False).reset_index(drop=True), k
+
+
+def efficiency_svg(frame: pd.DataFrame, k: int | None, name: str, colours: dict[str, str]) -> Markup | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if frame.empty:
+        return None
+    specs = [("trainable_params", "trainable parameters", "symlog"), ("train_seconds", "train time per run (s)", "symlog"), ("peak_mem_mb", "peak memory (MB)", "linear")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (col, label, scale) in zip(axes, specs):
+        for _, row in frame.iterrows():
+            ax.scatter(row[col], row["accuracy"], s=42, color=colours[row["method"]], zorder=3)
+            ax.annotate(row["method"], (row[col], row["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if scale == "symlog":
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel(label, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=8)
+    axes[0].set_ylabel(f"avg top-1 (%), {k}-shot" if k else "avg top-1 (%)", fontsize=9)
+    fig.tight_layout()
+    return svg(fig, f"efficiency-{name}")
