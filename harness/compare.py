@@ -57,7 +57,7 @@ class Comparison:
             return f"{self.b} better than {self.a} on {ahead} of {n} datasets, {size} ({test})"
         if c.significant and c.mean < 0:
             return f"{self.b} worse than {self.a} on {behind} of {n} datasets, {size} ({test})"
-        return f"no significant difference: {self.b} ahead on {ahead} of {n} datasets, {size} ({test})"
+        return f"no significant difference between {self.a} and {self.b}: {self.b} ahead on {ahead} of {n} datasets, {size} ({test})"
 
 
 def compare(ok: pd.DataFrame, a: str, b: str) -> Comparison:

@@ -11,6 +11,7 @@ ctx_init "a photo of a" is the paper's `coop_ctx4`) is derived from a run's conf
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -55,8 +56,14 @@ def protocol_tags(config: dict) -> list[str]:
         tags.append("split files")
     elif sampler and sampler != "coop":
         tags.append(f"{sampler} subsets")
-    if (config.get("hparams") or {}).get("search_split") == "full_val":
+    hparams = config.get("hparams") or {}
+    if hparams.get("search_split") == "full_val":
         tags.append("full-val search")
+    templates = hparams.get("templates", "card")
+    if templates == "ensemble":
+        tags.append("template ensemble")
+    elif isinstance(templates, list):  # named by content: two files with the same templates are one row
+        tags.append(f"own templates {hashlib.sha256(json.dumps(templates).encode()).hexdigest()[:6]}")
     return tags
 
 

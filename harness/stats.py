@@ -14,6 +14,7 @@ from scipy import stats
 
 LEVEL = 0.95
 ALPHA = 1 - LEVEL
+Z95 = float(stats.norm.ppf(0.975))
 MIN_WILCOXON = 6  # with fewer non-zero differences no two-sided Wilcoxon p-value reaches 0.05
 
 

@@ -163,7 +163,8 @@ def test_gap_table_matches_published(rendered):
 def test_latex_fragment(rendered, tmp_path):
     _, out = rendered
     tex = (out / "leaderboard.tex").read_text()
-    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\bfseries" in tex and r"\underline{" in tex
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\bfseries" in tex and r"$^{\approx}$" in tex
+    assert re.search(r"\\scriptsize \[\d+\.\d, \d+\.\d\]", tex)  # the 95 % interval of each entry
     assert r"coop\_ctx4" in tex and "coop_ctx4" not in tex.replace(r"coop\_ctx4", "")
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex not installed: the .tex fragment was checked textually but not compiled")

@@ -194,7 +194,10 @@ def test_sigint_mid_sweep_in_a_real_process(tmp_path, demo_root):
     # Unbuffered: the "ok" line must reach the pipe when it is printed, not when the process exits
     # (block-buffered, a busy machine saw the whole sweep finish before the signal was sent).
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell's background jobs inherit SIGINT as ignored, and Python then keeps ignoring it: give
+    # the sweep the default disposition, as a terminal would.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # the first finished run: four runs of several seconds each are still to come
         if line.startswith("ok coop"):
             break

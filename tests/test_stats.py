@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -98,3 +99,33 @@ def test_compare_command_exit_codes(tmp_path, capsys):
     assert run_cli(["compare", "a", "c", "--db", str(db)]) == 2
     err = capsys.readouterr().err.replace("\n", " ")
     assert "Nothing to pair" in err and "c: d2 at shots [1]" in err
+
+
+def test_bold_only_when_significantly_ahead_else_tied():
+    from harness.report.significance import column_emphasis
+
+    runs = [_run(m, f"d{d}", 4, s, 60 + d + s + gap) for m, gap in (("top", 2.0), ("far", 0.0)) for d in range(3) for s in (1, 2, 3)]
+    ok = pd.DataFrame(runs)
+    assert column_emphasis(ok, {"top": 63.0, "far": 61.0}) == {"top": "best"}  # 9 of 9 pairs ahead: Wilcoxon p < 0.05
+    noisy = [_run("near", f"d{d}", 4, s, 60 + d + s + (2.5 if (d + s) % 2 else -1.5)) for d in range(3) for s in (1, 2, 3)]
+    ok = pd.DataFrame(runs + noisy)
+    marks = column_emphasis(ok, {"top": 63.0, "far": 61.0, "near": 62.5})
+    assert marks == {"near": "tied", "top": "tied"}  # near is not significantly behind: nothing is bold
+
+
+def test_demo_like_report_shows_intervals_pairs_and_ranks(tmp_path):
+    db = tmp_path / "r.duckdb"
+    for m, gap in (("a", 0.0), ("b", 1.5), ("c", 3.0)):
+        for d in range(4):
+            for k in (4, 16):
+                for s in (1, 2, 3):
+                    write_record(db, _run(m, f"demo_{d}", k, s, 50 + 3 * d + k / 4 + s + gap + 0.2 * ((d * s) % 3)))
+    out = tmp_path / "rep"
+    assert run_cli(["report", "--db", str(db), "--out", str(out)]) == 0
+    html = (out / "index.html").read_text()
+    assert "Paired comparisons" in html and "c better than a on 4 of 4 datasets" in html
+    assert "Average ranks over datasets" in html and html.count("CD = ") >= 1
+    assert re.search(r'<span class="ci">\[\d+\.\d, \d+\.\d\]</span>', html)
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert {"lo", "hi"} <= set(board.columns) and (board["lo"] < board["mean"]).all()
+    assert "[" in (out / "leaderboard.md").read_text()

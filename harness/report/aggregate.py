@@ -11,11 +11,13 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.published import display_name, published_frame
+from harness.stats import Z95, interval, t_interval
 from harness.store import connect
 
 CELL = ["suite", "backbone", "method", "dataset", "shots"]
 SEED_MARK = "\u2020"  # dagger: fewer seeds than the grid's maximum
 DATA_MARK = "\u2021"  # double dagger: datasets missing from the average
+TIED_MARK = "\u2248"  # approximately equal: statistically tied with the column's best
 
 
 def load_runs(db: Path, published: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -46,11 +48,38 @@ def ok_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 
 def per_dataset(ok: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample std and seed count of top-1 per (suite, backbone, method, dataset, shots)."""
-    grouped = ok.groupby(CELL)["top1"]
-    out = grouped.agg(mean="mean", std="std", n_seeds="count").reset_index()
+    """Mean, sample std, seed count and 95 % interval (lo, hi) of top-1 per (suite, backbone, method,
+    dataset, shots): the t-interval over seeds, or for a single run the Wilson interval of its test set."""
+    grouped = ok.groupby(CELL)
+    out = grouped["top1"].agg(mean="mean", std="std", n_seeds="count").reset_index()
     out["std"] = out["std"].fillna(0.0)
+    bounds = [interval(g["top1"], _n_test(g)) for _, g in grouped]  # groupby order: the rows of `out`
+    out["lo"] = [b[0] for b in bounds]
+    out["hi"] = [b[1] for b in bounds]
     return out
+
+
+def _n_test(runs: pd.DataFrame) -> int | None:
+    n = runs["n_test"].iloc[0] if "n_test" in runs and len(runs) else None
+    return int(n) if n is not None and pd.notna(n) and n > 0 else None
+
+
+def average_interval(runs: pd.DataFrame, n_datasets: int) -> tuple[float, float]:
+    """95 % interval of an average over datasets. Seeds that cover every dataset give one average
+    each: a t-interval over them. With one such seed, the datasets' binomial errors are combined
+    (normal approximation to the variance of a mean of independent accuracies)."""
+    per_seed = runs.groupby("seed").agg(avg=("top1", "mean"), n=("dataset", "nunique"))
+    complete = per_seed[per_seed["n"] == n_datasets]["avg"]
+    if len(complete) >= 2:
+        return t_interval(complete)
+    if len(complete) == 1:
+        rows = runs[runs["seed"] == complete.index[0]]
+        n = pd.to_numeric(rows["n_test"], errors="coerce").to_numpy(dtype=float)
+        if (n > 0).all():
+            p = rows["top1"].to_numpy(dtype=float) / 100
+            half = 100 * Z95 * math.sqrt(float((p * (1 - p) / n).sum())) / len(rows)
+            return float(rows["top1"].mean()) - half, float(rows["top1"].mean()) + half
+    return math.nan, math.nan
 
 
 @dataclass
@@ -85,6 +114,7 @@ def aggregate(runs: pd.DataFrame, published: pd.DataFrame) -> Aggregate:
         seeds = ok[(ok.suite == suite) & (ok.backbone == backbone) & (ok.method == method) & (ok.shots == shots)]
         per_seed = seeds.groupby("seed").agg(avg=("top1", "mean"), n=("dataset", "nunique"))
         complete = per_seed[per_seed["n"] == len(expected)]["avg"]
+        lo, hi = average_interval(seeds, len(expected))
         rows.append(
             {
                 "suite": suite,
@@ -93,6 +123,8 @@ def aggregate(runs: pd.DataFrame, published: pd.DataFrame) -> Aggregate:
                 "shots": int(shots),
                 "mean": cell["mean"].mean(),
                 "std": complete.std() if len(complete) > 1 else (0.0 if len(complete) == 1 else math.nan),
+                "lo": lo,
+                "hi": hi,
                 "n_seeds": int(cell["n_seeds"].min()),
                 "expected_seeds": len(grids[(suite, backbone)]["seeds"]),
                 "n_datasets": len(present),
@@ -101,7 +133,7 @@ def aggregate(runs: pd.DataFrame, published: pd.DataFrame) -> Aggregate:
             }
         )
     board = pd.DataFrame(rows, columns=[
-        "suite", "backbone", "method", "shots", "mean", "std", "n_seeds", "expected_seeds",
+        "suite", "backbone", "method", "shots", "mean", "std", "lo", "hi", "n_seeds", "expected_seeds",
         "n_datasets", "expected_datasets", "missing_datasets",
     ])
     board["complete"] = (board["n_seeds"] >= board["expected_seeds"]) & (board["n_datasets"] >= board["expected_datasets"])

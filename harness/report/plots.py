@@ -101,6 +101,12 @@ def curves_svg(agg: Aggregate, suite: str, backbone: str, colours: dict[str, str
     return svg(fig, f"curves-{suite}-{backbone}")
 
 
+def _number(values: pd.Series, how: str) -> float:
+    """A summary of a cost column; NaN where runs did not record it (older or foreign records)."""
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    return float(getattr(values, how)()) if len(values) else math.nan
+
+
 def efficiency(agg: Aggregate, suite: str, backbone: str) -> tuple[pd.DataFrame, int | None]:
     """Per method at the largest shot count: average accuracy, trainable params, train time, peak memory."""
     ok = agg.ok[(agg.ok.suite == suite) & (agg.ok.backbone == backbone)]
@@ -116,9 +122,9 @@ def efficiency(agg: Aggregate, suite: str, backbone: str) -> tuple[pd.DataFrame,
             "shots": int(group["shots"].iloc[0]),
             "accuracy": cell["mean"].iloc[0] if len(cell) else math.nan,
             "flag": cell["flag"].iloc[0] if len(cell) else "",
-            "trainable_params": float(group["trainable_params"].median()),
-            "train_seconds": float(group["train_seconds"].mean()),
-            "peak_mem_mb": float(group["peak_mem_mb"].mean()),
+            "trainable_params": _number(group["trainable_params"], "median"),
+            "train_seconds": _number(group["train_seconds"], "mean"),
+            "peak_mem_mb": _number(group["peak_mem_mb"], "mean"),
         })
     frame = pd.DataFrame(rows, columns=["method", "shots", "accuracy", "flag", "trainable_params", "train_seconds", "peak_mem_mb"])
     return frame.sort_values("accuracy", ascending=False).reset_index(drop=True), k

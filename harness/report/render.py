@@ -11,10 +11,11 @@ from markupsafe import Markup
 
 import harness
 from harness.errors import HarnessError
-from harness.report.aggregate import DATA_MARK, SEED_MARK, aggregate, load_runs
+from harness.report.aggregate import DATA_MARK, SEED_MARK, TIED_MARK, aggregate, load_runs
 from harness.report.exports import groups_in_order, leaderboard_latex, leaderboard_markdown
 from harness.report.plots import curves_svg, efficiency, efficiency_svg, method_colours
 from harness.report.provenance import provenance
+from harness.report.significance import pair_matrix, prompt_spread, rank_sections
 from harness.report.tables import gap_table, wide_table
 
 
@@ -28,13 +29,19 @@ def render(db: Path, out: Path) -> dict[str, Path]:
     sections = []
     for suite, backbone, cells, shots, methods in groups_in_order(agg.leaderboard):
         per_ds = agg.datasets[(agg.datasets.suite == suite) & (agg.datasets.backbone == backbone)]
+        ok = agg.ok[(agg.ok.suite == suite) & (agg.ok.backbone == backbone)]
         eff, k = efficiency(agg, suite, backbone)
+        name = f"{suite}-{backbone}".replace("/", "-")
         sections.append({
-            "id": f"{suite}-{backbone}".replace("/", "-"),
+            "id": name,
             "suite": suite, "backbone": backbone, "shots": shots,
             "grid": agg.grids[(suite, backbone)],
-            "leaderboard": wide_table(cells, methods, shots, with_rank=True),
-            "datasets": [(d, wide_table(per_ds[per_ds.dataset == d], methods, shots, with_rank=False)) for d in agg.grids[(suite, backbone)]["datasets"]],
+            "leaderboard": wide_table(cells, methods, shots, with_rank=True, ok=ok),
+            "datasets": [(d, wide_table(per_ds[per_ds.dataset == d], methods, shots, with_rank=False, ok=ok[ok.dataset == d]))
+                         for d in agg.grids[(suite, backbone)]["datasets"]],
+            "pairs": pair_matrix(ok, [m for m in methods if m in set(cells.loc[cells.shots > 0, "method"])]),
+            "ranks": rank_sections(ok, cells, shots, agg.grids[(suite, backbone)]["datasets"], name),
+            "prompts": prompt_spread(per_ds),
             "curves": curves_svg(agg, suite, backbone, colours),
             "efficiency": eff.to_dict("records"), "efficiency_k": k,
             "efficiency_svg": efficiency_svg(eff, k, f"{suite}-{backbone}", colours),
@@ -57,7 +64,7 @@ def render(db: Path, out: Path) -> dict[str, Path]:
     html = env.get_template("report.html.j2").render(
         css=Markup(css), sections=sections, gaps=gaps.to_dict("records"), gap_summary=gap_summary, gap_shots=gap_shots, failed=failed, prov=provenance(agg),
         n_ok=len(agg.ok), n_runs=len(runs), n_failed=len(agg.failed), superseded=agg.superseded,
-        seed_mark=SEED_MARK, data_mark=DATA_MARK, db=str(db), version=harness.__version__,
+        seed_mark=SEED_MARK, data_mark=DATA_MARK, tied_mark=TIED_MARK, db=str(db), version=harness.__version__,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         sources=sorted(published["source"].unique()) if len(published) else [],
     )
@@ -66,6 +73,6 @@ def render(db: Path, out: Path) -> dict[str, Path]:
     written = {"html": out / "index.html", "csv": out / "leaderboard.csv", "md": out / "leaderboard.md", "tex": out / "leaderboard.tex"}
     written["html"].write_text(html, encoding="utf-8")
     agg.leaderboard.to_csv(written["csv"], index=False, float_format="%.4f")
-    written["md"].write_text(leaderboard_markdown(agg.leaderboard), encoding="utf-8")
-    written["tex"].write_text(leaderboard_latex(agg.leaderboard), encoding="utf-8")
+    written["md"].write_text(leaderboard_markdown(agg.leaderboard, agg.ok), encoding="utf-8")
+    written["tex"].write_text(leaderboard_latex(agg.leaderboard, agg.ok), encoding="utf-8")
     return written

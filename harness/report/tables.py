@@ -7,10 +7,7 @@ import math
 import pandas as pd
 
 from harness.report.aggregate import SEED_MARK, Aggregate
-
-
-def _fmt(mean: float, std: float) -> str:
-    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} \u00b1 {std:.2f}"
+from harness.report.significance import column_emphasis
 
 
 def _cell_note(row) -> str:
@@ -22,15 +19,20 @@ def _cell_note(row) -> str:
     return "; ".join(notes)
 
 
-def _best_two(values: dict[str, float]) -> tuple[str | None, str | None]:
-    ranked = sorted((v, m) for m, v in values.items() if pd.notna(v))[::-1]
-    return (ranked[0][1] if ranked else None), (ranked[1][1] if len(ranked) > 1 else None)
+def interval_text(lo: float, hi: float) -> str:
+    return "" if pd.isna(lo) or pd.isna(hi) else f"[{lo:.1f}, {hi:.1f}]"
 
 
-def wide_table(cells: pd.DataFrame, methods: list[str], shots: list[int], with_rank: bool) -> dict:
-    """methods x shots as a template-friendly dict; zero-shot rows repeat their value in every column."""
+def wide_table(cells: pd.DataFrame, methods: list[str], shots: list[int], with_rank: bool, ok: pd.DataFrame) -> dict:
+    """methods x shots as a template-friendly dict; zero-shot rows repeat their value in every column.
+    Each value carries its 95 % interval; emphasis follows significance (`column_emphasis`) over the
+    runs `ok` behind the cells: 'best' only when significantly ahead of every other entry, 'tied'
+    for the entries not significantly apart from the top one."""
     header = [f"{k}-shot" for k in shots]
-    ranked_cols = {k: cells[(cells.shots == k) & cells["complete"]].set_index("method")["mean"].to_dict() for k in shots}
+    emphasis = {
+        k: column_emphasis(ok[ok.shots == k], cells[(cells.shots == k) & cells["complete"]].set_index("method")["mean"].to_dict())
+        for k in shots
+    }
     rows = []
     for method in methods:
         mine = cells[cells.method == method]
@@ -44,10 +46,10 @@ def wide_table(cells: pd.DataFrame, methods: list[str], shots: list[int], with_r
                 out["cells"].append({"text": "\u2013", "cls": "missing", "note": "no runs"})
                 continue
             row = hit.iloc[0]
-            best, second = _best_two(ranked_cols[k])
-            cls = "ref" if reference else ("best" if method == best else "second" if method == second else "")
+            cls = "ref" if reference else emphasis[k].get(method, "")
             note = _cell_note(row)
             out["cells"].append({"mean": f"{row['mean']:.2f}", "std": "" if pd.isna(row["std"]) else f"\u00b1{row['std']:.2f}",
+                                 "interval": interval_text(row.get("lo"), row.get("hi")),
                                  "flag": row.get("flag", "") or (SEED_MARK if row["n_seeds"] < row["expected_seeds"] else ""),
                                  "cls": cls + (" flagged" if note else ""), "note": note})
         if with_rank and not reference:
@@ -67,16 +69,19 @@ def wide_table(cells: pd.DataFrame, methods: list[str], shots: list[int], with_r
 
 def gap_table(agg: Aggregate) -> pd.DataFrame:
     """Ours minus published wherever both exist (per dataset, and the average when our average is complete)."""
-    ours = agg.datasets[["backbone", "method", "dataset", "shots", "mean", "std", "n_seeds"]]
+    cols = ["backbone", "method", "dataset", "shots", "mean", "std", "lo", "hi", "n_seeds"]
+    ours = agg.datasets[cols]
     pub = agg.published.rename(columns={"top1": "published"})
     # Our average is comparable with a published one only when it covers exactly the published datasets.
     covered = pub[pub.dataset != "average"].groupby(["backbone", "method", "shots"])["dataset"].agg(frozenset)
     board = agg.leaderboard[agg.leaderboard.n_datasets >= agg.leaderboard.expected_datasets]
     keep = [frozenset(agg.grids[(s, b)]["datasets"]) == covered.get((b, m, k)) for s, b, m, k in
             zip(board["suite"], board["backbone"], board["method"], board["shots"])]
-    avg = board[pd.Series(keep, index=board.index, dtype=bool)].assign(dataset="average")[["backbone", "method", "dataset", "shots", "mean", "std", "n_seeds"]]
+    avg = board[pd.Series(keep, index=board.index, dtype=bool)].assign(dataset="average")[cols]
     ours = pd.concat([ours, avg], ignore_index=True)
     merged = ours.merge(pub[["backbone", "method", "dataset", "shots", "published", "source"]], on=["backbone", "method", "dataset", "shots"])
     merged["gap"] = merged["mean"] - merged["published"]
+    # Is the published number inside our 95 % interval? (NA when we have no interval)
+    merged["inside"] = [pd.NA if pd.isna(lo) else bool(lo <= p <= hi) for lo, hi, p in zip(merged["lo"], merged["hi"], merged["published"])]
     merged["is_avg"] = merged["dataset"] == "average"
     return merged.sort_values(["backbone", "method", "is_avg", "dataset", "shots"]).drop(columns="is_avg").reset_index(drop=True)
