@@ -35,6 +35,8 @@ class DatasetCard:
     templates: tuple[str, ...] = ()
     recipe: dict = field(default_factory=dict)  # per-dataset recipe settings, e.g. coop epochs on ImageNet
     generator: str | None = None  # demo suite only: which generator draws the images
+    target_only: bool = False  # an evaluation target of a protocol (ImageNet-A, ...), never trained on
+    class_source: str | None = None  # target_only: the dataset whose classes these are (matched by name)
 
     @property
     def ensemble(self) -> tuple[str, ...]:
@@ -80,7 +82,7 @@ def suites() -> dict[str, dict]:
 def suite_cards(suite: str) -> list[DatasetCard]:
     if suite not in SUITES:
         raise HarnessError(f"Unknown suite '{suite}'. Choose one of: {', '.join(SUITES)}.")
-    return [c for c in all_cards().values() if c.suite == suite]
+    return [c for c in all_cards().values() if c.suite == suite and not c.target_only]
 
 
 def get_card(name: str) -> DatasetCard:

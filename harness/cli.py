@@ -45,13 +45,14 @@ def run(
     dataset: Optional[list[str]] = typer.Option(None, "-d", "--dataset", help="Dataset name(s), comma-separated."),
     all_datasets: bool = typer.Option(False, "--all-datasets", help="Every dataset of the suite."),
     suite: str = typer.Option("standard", help="standard (the 11 CoOp datasets) or demo (generated)."),
-    shots: str = typer.Option("1,2,4,8,16", help="Shot counts."),
+    shots: Optional[str] = typer.Option(None, help="Shot counts [default 1,2,4,8,16; the protocol's own (16) for the others]."),
     seeds: str = typer.Option("1,2,3", help="Seeds."),
     backbone: Optional[list[str]] = typer.Option(None, "-b", "--backbone", help="Backbone(s); default ViT-B-16 (demo: tiny)."),
     weights: Optional[str] = typer.Option(None, help="Local checkpoint for the backbone (OpenAI .pt or open_clip file)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout [env HARNESS_DATA_ROOT, default ./data]."),
     db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Hyper-parameter override KEY=VALUE, repeatable."),
+    protocol: str = typer.Option("fewshot", help="fewshot, base2new, cross_dataset or domain_shift (datasets/_protocols.yaml)."),
     sampler: str = typer.Option("coop", help="Few-shot sampling protocol: coop (CoOp/Dassl) or clip_lora (CLIP-LoRA's code)."),
     splits: Optional[Path] = typer.Option(None, help="Read few-shot subsets from split files under DIR/<dataset folder>/split_fewshot/ instead of sampling."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -75,6 +76,7 @@ def run(
     from harness.backbones import resolve_weights
     from harness.cards import get_card, suite_cards, suites
     from harness.grid import build_grid, check_grid, method_class, parse_sets
+    from harness.protocols import check_targets, get_protocol
     from harness.records import default_records_dir, ingest
     from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
     from harness.store import completed_hashes, store_or_keep
@@ -85,10 +87,11 @@ def run(
         raise HarnessError("Name a method with -m/--method NAME (see `harness list methods`) or pass --all-methods.")
     for name in methods:
         method_class(name)  # an unknown method is refused before any data is read
-    names = [c.name for c in suite_cards(suite)] if all_datasets else _split(dataset)
+    suite_cards(suite)  # an unknown suite is refused by name
+    evaluation = get_protocol(protocol)
+    names = evaluation.datasets(suite, [c.name for c in suite_cards(suite)] if all_datasets else _split(dataset))
     if not names:
         raise HarnessError(f"Name a dataset with -d/--dataset NAME or pass --all-datasets (suite '{suite}').")
-    suite_cards(suite)  # an unknown suite is refused by name
     names = list(dict.fromkeys(names))
     for name in names:
         if get_card(name).suite != suite:
@@ -97,11 +100,14 @@ def run(
     if weights and len(backbones) > 1:
         raise HarnessError("--weights applies to one backbone; run each backbone with its own --weights.")
     root = paths.data_root(data_root)
-    datasets = load_datasets(names, root)  # first: missing data is the likeliest problem
+    targets = [t.dataset for n in names for t in check_targets(evaluation, n, suite) if t.dataset not in names]
+    datasets = load_datasets(names + list(dict.fromkeys(targets)), root)  # first: missing data is the likeliest problem
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     identities = {b: resolve_weights(b, weights)[1] for b in backbones}
-    shot_list, seed_list = check_grid(methods, datasets, _ints(shots, "--shots"), _ints(seeds, "--seeds"))
+    default_shots = ",".join(map(str, evaluation.shots or (1, 2, 4, 8, 16)))
+    trained_on = {n: datasets[n] for n in names}
+    shot_list, seed_list = check_grid(methods, trained_on, _ints(shots or default_shots, "--shots"), _ints(seeds, "--seeds"))
     check_sampler(sampler)
     split_hashes = None
     if splits is not None:  # every split file is read and validated before any run
@@ -113,7 +119,7 @@ def run(
         }
     grid = build_grid(
         methods, names, suite, shot_list, seed_list, identities, prec, parse_sets(set_ or []),
-        sampler=sampler, split_hashes=split_hashes, splits_dir=str(splits.resolve()) if splits else None,
+        sampler=sampler, split_hashes=split_hashes, splits_dir=str(splits.resolve()) if splits else None, protocol=protocol,
     )
     db_path = paths.db_path(db)
     records_dir = records or default_records_dir(db_path)

@@ -28,6 +28,7 @@ from rich.text import Text
 from harness.errors import HarnessError
 from harness.grid import RunSpec
 from harness.paths import atomic_write_text
+from harness.protocols import get_protocol
 from harness.records import PLAN, completed_in_records, ingest, read_records, write_record_file
 from harness.runner import load_datasets, run_sweep, sweep_progress
 
@@ -76,7 +77,8 @@ class ShardJob(submitit.helpers.Checkpointable):
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
         records = Path(self.records)
-        datasets = load_datasets(sorted({s.dataset for s in self.specs}), Path(self.data_root))
+        names = {s.dataset for s in self.specs} | {t.dataset for s in self.specs for t in get_protocol(s.protocol).targets_for(s.dataset, s.suite)}
+        datasets = load_datasets(sorted(names), Path(self.data_root))
         result = run_sweep(
             self.specs,
             datasets=datasets,

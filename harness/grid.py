@@ -1,8 +1,9 @@
 """The run grid: CLI options -> a list of fully resolved runs, each with its config hash.
 
 Hyper-parameters resolve in this order: the method's defaults (the official recipe), the dataset
-card's recipe (e.g. CoOp's 50 epochs on ImageNet), the suite's overrides (the demo's smaller
-budgets), then `--set KEY=VALUE`. The resolved config, not the command line, is what is hashed.
+card's recipe (e.g. CoOp's 50 epochs on ImageNet), the protocol's recipe where the method's paper
+ran that protocol (e.g. CoCoOp's CoOp baseline for base-to-new), the suite's overrides (the demo's
+smaller budgets), then `--set KEY=VALUE`. The resolved config, not the command line, is what is hashed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from harness import PROTOCOL_VERSION
 from harness.cards import get_card, suites
 from harness.errors import HarnessError
+from harness.protocols import get_protocol
 from methods import REGISTRY
 from methods.hparams import parse_value, validate
 
@@ -36,14 +38,17 @@ class RunSpec:
     sampler: str = "coop"  # how the few-shot subset is drawn: coop | clip_lora | files
     splits_dir: str | None = field(default=None, hash=False, compare=False)  # --splits DIR (sampler "files")
     splits_hash: str | None = None  # sha256 of the split files: their content, not their path, is the identity
+    protocol: str = "fewshot"  # evaluation protocol (datasets/_protocols.yaml)
 
     @property
     def config(self) -> dict:
         subset = {}
         if self.shots > 0:  # zero-shot runs use no few-shot subset
             subset = {"sampler": self.sampler} | ({"split_files_sha256": self.splits_hash} if self.splits_hash else {})
+        evaluation = {} if self.protocol == "fewshot" else {"eval_protocol": self.protocol}  # fewshot: as before
         return {
             **subset,
+            **evaluation,
             "protocol": PROTOCOL_VERSION,
             "method": self.method,
             "hparams": self.hparams,
@@ -63,7 +68,8 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.method} {self.dataset} {self.backbone} {self.shots}-shot seed {self.seed}"
+        where = "" if self.protocol == "fewshot" else f" ({self.protocol})"
+        return f"{self.method} {self.dataset} {self.backbone} {self.shots}-shot seed {self.seed}{where}"
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -109,10 +115,11 @@ def method_class(name: str):
     return REGISTRY[name]
 
 
-def resolve_hparams(method: str, dataset: str, suite: str, sets: dict) -> tuple[dict, dict]:
+def resolve_hparams(method: str, dataset: str, suite: str, sets: dict, protocol: str = "fewshot") -> tuple[dict, dict]:
     cls = method_class(method)
     overrides = suites()[suite].get("overrides", {}).get(method, {})
-    hp = {**cls.defaults, **get_card(dataset).recipe_for(method), **overrides}
+    recipe = get_protocol(protocol).recipes.get(method, {})
+    hp = {**cls.defaults, **get_card(dataset).recipe_for(method), **recipe, **overrides}
     hp.update({k: v for k, v in sets.items() if k in cls.defaults})
     return cls.resolve(validate(method, hp, cls.schema)), dict(overrides)
 
@@ -129,6 +136,7 @@ def build_grid(
     sampler: str = "coop",
     split_hashes: dict[tuple[str, int, int], str] | None = None,  # (dataset, shots, seed) -> sha256, for --splits
     splits_dir: str | None = None,
+    protocol: str = "fewshot",
 ) -> list[RunSpec]:
     for name in methods:
         method_class(name)
@@ -140,7 +148,7 @@ def build_grid(
     for backbone, weights in backbones.items():
         for dataset in datasets:
             for method in methods:
-                hp, overrides = resolve_hparams(method, dataset, suite, sets)
+                hp, overrides = resolve_hparams(method, dataset, suite, sets, protocol)
                 problem = REGISTRY[method].config_error(hp, get_card(dataset))
                 if problem:
                     raise HarnessError(f"{method} on {dataset}: {problem}")
@@ -153,5 +161,6 @@ def build_grid(
                             sampler="files" if files else sampler,
                             splits_dir=splits_dir if files else None,
                             splits_hash=split_hashes[(dataset, k, seed)] if files else None,
+                            protocol=protocol,
                         ))
     return grid

@@ -34,8 +34,10 @@ from harness.data.demo import ensure_demo
 from harness.data.fewshot import manifest_for
 from harness.data.readers import DatasetSplits, read_dataset
 from harness.data.splitfiles import read_split_files
-from harness.errors import DataError, DivergedError, HarnessError
+from harness.errors import DataError, HarnessError
+from harness.evaluate import clean, evaluate
 from harness.grid import RunSpec
+from harness.protocols import base_new_labels, get_protocol, restrict
 from harness.records import mark_running
 from methods import REGISTRY, ImageSet, Task
 from methods.base import Steps
@@ -140,18 +142,11 @@ def device_label(device: str) -> str:
     return f"cuda:{torch.cuda.get_device_name()}" if device == "cuda" else "cpu"
 
 
-def check_predictions(logits: torch.Tensor, n_images: int, n_classes: int) -> None:
-    """A number is stored only from finite logits of the right shape (argmax of NaN is class 0:
-    chance accuracy that would look like a result)."""
-    if tuple(logits.shape) != (n_images, n_classes):
-        raise ValueError(f"predict returned logits of shape {tuple(logits.shape)}, expected ({n_images}, {n_classes})")
-    bad = int((~torch.isfinite(logits)).any(-1).sum())
-    if bad:
-        raise DivergedError(f"non-finite logits for {bad} of {n_images} test images (NaN/inf features or weights); no accuracy is stored")
-
-
-def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: ImageSet, feature_cache: dict, start_steps) -> dict:
-    """Fit and evaluate one run; returns its record (status ok or failed)."""
+def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: ImageSet, feature_cache: dict, start_steps,
+            datasets: dict[str, DatasetSplits] | None = None) -> dict:
+    """Fit and evaluate one run on its protocol's targets; returns its record (status ok or failed).
+    `datasets` holds the target datasets of cross-dataset and domain-shift runs."""
+    protocol = get_protocol(spec.protocol)
     device = backbone.device.type
     record = {
         "run_id": uuid.uuid4().hex,
@@ -171,6 +166,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         "packages": package_versions(),
         "started_at": datetime.now(timezone.utc).replace(tzinfo=None),
         "n_test": len(test),
+        "protocol": spec.protocol,
     }
     seed_everything(spec.seed)
     reset_peak_memory(device)
@@ -180,14 +176,21 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
             manifest, _ = read_split_files(splits, Path(spec.splits_dir), spec.shots, spec.seed)
         else:
             manifest = manifest_for(splits, spec.shots, spec.seed, spec.sampler)
-        train = ImageSet(splits.root, spec.dataset, manifest.train, size)
-        val = ImageSet(splits.root, spec.dataset, manifest.val, size)
+        train_items, val_items = manifest.train, manifest.val
         record["config"] = {**spec.config, "manifest_hash": manifest.content_hash}
     else:
-        train = val = ImageSet(splits.root, spec.dataset, [], size)
+        train_items = val_items = []
+    classnames = clean(splits.classnames)
+    if protocol.train == "base":  # CoCoOp: the subset is drawn on all classes, then kept to the base ones
+        base, _ = base_new_labels([it.label for it in train_items] or range(len(classnames)))
+        train_items = restrict(train_items, base, splits.classnames)
+        val_items = restrict(val_items, base, splits.classnames)
+        classnames = [classnames[label] for label in base]
+    train = ImageSet(splits.root, spec.dataset, train_items, size)
+    val = ImageSet(splits.root, spec.dataset, val_items, size)
     task = Task(
         card=splits.card,
-        classnames=[c.replace("_", " ") for c in splits.classnames],
+        classnames=classnames,
         shots=spec.shots,
         seed=spec.seed,
         backbone=backbone,
@@ -204,12 +207,13 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         t0 = time.perf_counter()
         method.fit(task)
         t1 = time.perf_counter()
-        with torch.no_grad():
-            logits = method.predict(task, test)
+        targets = protocol.targets_for(spec.dataset, spec.suite)
+        evaluations = evaluate(method, task, targets, splits, datasets or {}, test)
         t2 = time.perf_counter()
-        check_predictions(logits, len(test), len(task.classnames))
-        top1 = (logits.argmax(-1).cpu() == test.labels).float().mean().item() * 100
+        top1 = protocol.headline_of({e["target"]: e["top1"] for e in evaluations})
         record.update(status="ok", top1=top1, train_seconds=t1 - t0, eval_seconds=t2 - t1)
+        if spec.protocol != "fewshot":  # fewshot: the one target is the run itself
+            record["evaluations"] = evaluations
     except HarnessError:
         raise
     except Exception as exc:  # noqa: BLE001 - a crashing method is a failed run, not a crashed sweep
@@ -219,6 +223,15 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         record["peak_mem_mb"] = peak_memory_mb(device)
         record["finished_at"] = datetime.now(timezone.utc).replace(tzinfo=None)
     return record
+
+
+def headline_text(record: dict) -> str:
+    """top-1 for a few-shot run; each target's top-1 (or n/a) and the headline for the others."""
+    if not record.get("evaluations"):
+        return f"top-1 {record['top1']:.2f}%"
+    parts = [f"{e['target']} {e['top1']:.2f}" if e["top1"] is not None else f"{e['target']} n/a" for e in record["evaluations"]]
+    headline = "n/a" if record["top1"] is None else f"{record['top1']:.2f}"
+    return f"{', '.join(parts)}; headline {get_protocol(record['protocol']).headline} {headline}"
 
 
 def sweep_progress(console: Console) -> Progress:
@@ -276,7 +289,7 @@ def run_sweep(
                 return Steps(lambda n, t=inner: progress.advance(t, n))
 
             marker = mark_running(running_dir, spec.config_hash, spec.label) if running_dir else None
-            record = run_one(spec, backbone, splits, test, feature_cache, start_steps)
+            record = run_one(spec, backbone, splits, test, feature_cache, start_steps, datasets)
             if inner is not None:
                 progress.remove_task(inner)
             store(record)
@@ -284,11 +297,9 @@ def run_sweep(
                 marker.unlink(missing_ok=True)
             if record["status"] == "ok":
                 result.ok += 1
-                progress.console.print(
-                    f"[green]ok[/green] {spec.label}: top-1 {record['top1']:.2f}%  "
+                progress.console.print(Text.assemble(("ok", "green"), f" {spec.label}: {headline_text(record)}  "
                     f"(train {record['train_seconds']:.1f} s, eval {record['eval_seconds']:.1f} s, "
-                    f"peak {record['peak_mem_mb']:.0f} MB, {record['trainable_params']:,} trainable)"
-                )
+                    f"peak {record['peak_mem_mb']:.0f} MB, {record['trainable_params']:,} trainable)"))
             else:
                 result.failed += 1
                 first_line = record["error"].splitlines()[0]

@@ -48,6 +48,7 @@ COLUMNS = {
     "finished_at": "TIMESTAMP",
     "error": "VARCHAR",
     "packages": "VARCHAR",  # versions of the libraries that produced the number
+    "protocol": "VARCHAR",  # evaluation protocol; NULL in databases from before protocols: fewshot
 }
 
 
@@ -181,6 +182,7 @@ def connect(path: Path, read_only: bool = False):
         try:
             if not read_only:
                 con.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(f'{n} {k}' for n, k in COLUMNS.items())})")
+                con.execute(f"CREATE TABLE IF NOT EXISTS evaluations ({', '.join(f'{n} {k}' for n, k in EVAL_COLUMNS.items())})")
             _check_runs(con, path)
             if not read_only:
                 for name, kind in COLUMNS.items():  # databases written by an older harness gain new columns
@@ -225,20 +227,47 @@ def completed_hashes(path: Path) -> set[str]:
         return {row[0] for row in con.execute("SELECT config_hash FROM runs WHERE status = 'ok'").fetchall()}
 
 
+# One row per (run, evaluation target) of the generalisation protocols; `runs` keeps the headline.
+EVAL_COLUMNS = {
+    "config_hash": "VARCHAR",
+    "target": "VARCHAR",  # base | new | a dataset name
+    "dataset": "VARCHAR",  # whose test images
+    "class_subset": "VARCHAR",  # all | base | new
+    "status": "VARCHAR",  # ok | not_applicable
+    "top1": "DOUBLE",
+    "n_test": "INTEGER",
+    "n_classes": "INTEGER",
+    "reason": "VARCHAR",  # why not applicable
+}
+
+
 def insert_record(con: duckdb.DuckDBPyConnection, record: dict) -> None:
-    """Store a run, one statement: a config hash holds its most recently finished attempt only,
-    so re-ingesting an old record (or a stale failure) never replaces a newer run."""
+    """Store a run and its evaluations in one transaction: a config hash holds its most recently
+    finished attempt only, so re-ingesting an old record (or a stale failure) never replaces a newer run."""
     row = {name: record.get(name) for name in COLUMNS}
     if not isinstance(row["config"], str):
         row["config"] = json.dumps(row["config"], sort_keys=True)
     names = ", ".join(row)
     marks = ", ".join("?" for _ in row)
     updates = ", ".join(f"{name} = excluded.{name}" for name in row if name != "config_hash")
-    con.execute(
-        f"INSERT INTO runs ({names}) VALUES ({marks}) ON CONFLICT (config_hash) DO UPDATE SET {updates} "
-        "WHERE excluded.finished_at >= runs.finished_at",
-        list(row.values()),
-    )
+    con.execute("BEGIN")
+    try:
+        con.execute(
+            f"INSERT INTO runs ({names}) VALUES ({marks}) ON CONFLICT (config_hash) DO UPDATE SET {updates} "
+            "WHERE excluded.finished_at >= runs.finished_at",
+            list(row.values()),
+        )
+        won = con.execute("SELECT run_id FROM runs WHERE config_hash = ?", [row["config_hash"]]).fetchone()[0] == row["run_id"]
+        if won and record.get("evaluations") is not None:
+            con.execute("DELETE FROM evaluations WHERE config_hash = ?", [row["config_hash"]])
+            for e in record["evaluations"]:
+                values = {**{k: e.get(k) for k in EVAL_COLUMNS}, "config_hash": row["config_hash"]}
+                con.execute(f"INSERT INTO evaluations ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+                            list(values.values()))
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 def write_record(path: Path, record: dict) -> None:

@@ -2,8 +2,9 @@
 
 A method is a class with a name, its paper, its known deviations from the official code, and a
 dict of hyper-parameter defaults (the official recipe). The runner builds it with the resolved
-hyper-parameters, calls `fit(task)` on the few-shot data, then `predict(task, task.test)` for
-logits on the test split, and asks `trainable_parameters()` for the record.
+hyper-parameters, calls `fit(task)` on the few-shot data, then `predict(task, images, classnames)`
+for logits on each evaluation target (the test split; under the generalisation protocols also new
+classes or other datasets), and asks `trainable_parameters()` for the record.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class Method:
     defaults: ClassVar[dict] = {}
     schema: ClassVar[dict[str, Param]] = {}  # type and valid range of each default (methods/hparams.py)
     uses_shots: ClassVar[bool] = True  # False: one run per dataset at shots=0 (zero-shot)
+    # True: `predict` classifies any class names it is given (prompts, text encoders), so base-to-new
+    # and cross-dataset targets apply; False: a class-specific head or cache, which only ever scores
+    # its training classes (a target over other classes is stored as not applicable).
+    open_vocabulary: ClassVar[bool] = False
 
     def __init__(self, **hparams):
         self.hp = {**self.defaults, **hparams}
@@ -52,7 +57,9 @@ class Method:
     def fit(self, task: "Task") -> None:
         """Learn from task.train (and task.val where the recipe selects on it)."""
 
-    def predict(self, task: "Task", images: "ImageSet") -> torch.Tensor:
+    def predict(self, task: "Task", images: "ImageSet", classnames: list[str] | None = None) -> torch.Tensor:
+        """Logits [N, C] over `classnames` (None: the training classes, task.classnames). Only an
+        open-vocabulary method is ever given other class names."""
         raise NotImplementedError
 
     def trainable_parameters(self) -> int:
@@ -177,12 +184,12 @@ class Task:
         return self.feature_cache[name]
 
     @torch.no_grad()
-    def text_classifier(self, templates: tuple[str, ...] | list[str], model=None) -> torch.Tensor:
+    def text_classifier(self, templates: tuple[str, ...] | list[str], model=None, classnames: list[str] | None = None) -> torch.Tensor:
         """Zero-shot weights [C, D]: per class, normalise each template's embedding, average, renormalise."""
         model = model or self.backbone.model
         per_template = []
         for template in templates:
-            tokens = self.backbone.tokenize([template.format(c) for c in self.classnames])
+            tokens = self.backbone.tokenize([template.format(c) for c in (classnames or self.classnames)])
             with self.autocast():
                 per_template.append(F.normalize(encode_text(model, tokens).float(), dim=-1))
         return F.normalize(torch.stack(per_template).mean(0), dim=-1)

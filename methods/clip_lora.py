@@ -83,6 +83,7 @@ class CLIPLoRA(Method):
         f"and merged for evaluation instead of B@A at every forward (same function); {AUGMENT_DEVIATION}; "
         "text tower on the prompt tokens only (same features); suite overrides may lower steps_per_shot"
     )
+    open_vocabulary = True
     defaults = {
         "r": 2,
         "alpha": 1.0,
@@ -205,11 +206,12 @@ class CLIPLoRA(Method):
         merge_adapters(self.model)  # the last step is evaluated, with no adapter overhead
 
     @torch.no_grad()
-    def predict(self, task: Task, images: ImageSet) -> torch.Tensor:
+    def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:
         merge_adapters(self.model)
         self.model.eval()
+        tokens = self.tokens if classnames is None else task.backbone.tokenize([self.hp["template"].format(c) for c in classnames])
         with task.autocast():
-            text = F.normalize(encode_text(self.model, self.tokens).float(), dim=-1)
+            text = F.normalize(encode_text(self.model, tokens).float(), dim=-1)
         feats = F.normalize(task.encode_images(self.model, images.eval_pixels()), dim=-1)
         return float(self.hp["logit_scale"]) * feats @ text.T
 

@@ -61,10 +61,10 @@ def epochs_for_shots(shots: int) -> int:
 class PromptLearner:
     """Learnable shared context between the fixed SOS token and the '{classname}.' suffix."""
 
-    def __init__(self, task: Task, n_ctx: int, init_std: float, ctx_init: str = ""):
+    def __init__(self, task: Task, n_ctx: int, init_std: float, ctx_init: str = "", classnames: list[str] | None = None):
         model = task.backbone.model
         placeholder = ctx_init or " ".join(["X"] * n_ctx)
-        tokens = task.backbone.tokenize([f"{placeholder} {name}." for name in task.classnames])
+        tokens = task.backbone.tokenize([f"{placeholder} {name}." for name in (classnames or task.classnames)])
         self.eot_index = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
         tokens = tokens[:, : int(self.eot_index.max()) + 1]  # causal mask: later tokens never matter
         with torch.no_grad():
@@ -98,6 +98,7 @@ class CoOp(Method):
         f"loss scaling); {AUGMENT_DEVIATION}; frozen image encoder run without autograd (same result); text encoder "
         "truncated to the longest prompt (exact); epoch_scale < 1 only in the demo"
     )
+    open_vocabulary = True
     defaults = {
         "n_ctx": 16,
         "ctx_init": "",  # "": random N(0, init_std^2); else the words the context starts from
@@ -179,8 +180,19 @@ class CoOp(Method):
             return f"ctx_init '{hp['ctx_init']}' has {words} words, so n_ctx must be {words} (CoOp derives it from them); add --set n_ctx={words}."
         return None
 
-    def predict(self, task: Task, images: ImageSet) -> torch.Tensor:
-        return self.logit_scale * task.frozen_features(images) @ self.text_weights.T
+    def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:
+        return self.logit_scale * task.frozen_features(images) @ self.class_text(task, classnames).T
+
+    @torch.no_grad()
+    def class_text(self, task: Task, classnames: list[str] | None) -> torch.Tensor:
+        """The learned context with other class names (CoCoOp's new-class evaluation: the prompt
+        learner rebuilt over the new names, its context vectors loaded)."""
+        if classnames is None:
+            return self.text_weights
+        hp = self.hp
+        other = PromptLearner(task, hp["n_ctx"], hp["init_std"], hp["ctx_init"], classnames)
+        other.ctx = self.prompts.ctx.detach()
+        return other.text_features(task)
 
     def trainable_parameters(self) -> int:
         return self.prompts.ctx.numel() if hasattr(self, "prompts") else 0

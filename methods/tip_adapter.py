@@ -164,7 +164,8 @@ class TipAdapter(Method):
     def train_keys(self, task: Task, images: list[torch.Tensor]) -> None:
         """Training-free: the cache is used as built."""
 
-    def predict(self, task: Task, images: ImageSet) -> torch.Tensor:
+    def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:
+        """The training classes only: the cache's values are one-hot over them (not open-vocabulary)."""
         return tip_logits(task.frozen_features(images), self.clip_weights, self.keys, self.values, self.alpha, self.beta)
 
     def trainable_parameters(self) -> int:

@@ -48,6 +48,7 @@ class ZeroShot(Method):
     defaults = {"templates": "card"}
     schema = {"templates": Param(str)}  # card | ensemble | a file of templates (stored as the list)
     uses_shots = False
+    open_vocabulary = True
 
     @classmethod
     def resolve(cls, hp: dict) -> dict:
@@ -61,7 +62,9 @@ class ZeroShot(Method):
             templates = task.card.ensemble
         else:  # the templates read from the user's file
             templates = choice
+        self.templates = templates
         self.weights = task.text_classifier(templates)
 
-    def predict(self, task: Task, images: ImageSet) -> torch.Tensor:
-        return 100.0 * task.frozen_features(images) @ self.weights.T
+    def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:
+        weights = self.weights if classnames is None else task.text_classifier(self.templates, classnames=classnames)
+        return 100.0 * task.frozen_features(images) @ weights.T
