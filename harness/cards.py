@@ -25,7 +25,7 @@ class DatasetCard:
     title: str
     suite: str
     folder: str
-    reader: str  # coop_split | fgvc_aircraft | imagenet
+    reader: str  # coop_split | fgvc_aircraft | imagenet | imagenet_variant
     image_dir: str
     num_classes: int
     test_size: int
@@ -37,6 +37,7 @@ class DatasetCard:
     generator: str | None = None  # demo suite only: which generator draws the images
     target_only: bool = False  # an evaluation target of a protocol (ImageNet-A, ...), never trained on
     class_source: str | None = None  # target_only: the dataset whose classes these are (matched by name)
+    folders: str | None = None  # imagenet_variant reader: class folders named by label index or by wnid
 
     @property
     def ensemble(self) -> tuple[str, ...]:

@@ -31,6 +31,22 @@ def _ints(value: str, option: str) -> list[int]:
         raise HarnessError(f"{option} expects comma-separated integers, got '{value}'.") from None
 
 
+def check_class_sources(datasets: dict) -> None:
+    """A target that declares its classes a subset of another dataset's (ImageNet-A/-R: 200 of
+    ImageNet's) must name only classes that dataset has: they are scored by matching names."""
+    for splits in datasets.values():
+        source = datasets.get(splits.card.class_source) if splits.card.class_source else None
+        if source is None:
+            continue
+        missing = sorted(set(splits.classnames) - set(source.classnames))
+        if missing:
+            raise HarnessError(
+                f"{splits.card.name}: {len(missing)} class names in {splits.root / 'classnames.txt'} are not "
+                f"{source.card.name}'s (e.g. '{missing[0]}'). Copy {source.card.name}'s classnames.txt there, as "
+                "CoOp's DATASETS.md says."
+            )
+
+
 def check_sampler(name: str) -> None:
     from harness.data.fewshot import SAMPLERS
 
@@ -102,6 +118,7 @@ def run(
     root = paths.data_root(data_root)
     targets = [t.dataset for n in names for t in check_targets(evaluation, n, suite) if t.dataset not in names]
     datasets = load_datasets(names + list(dict.fromkeys(targets)), root)  # first: missing data is the likeliest problem
+    check_class_sources(datasets)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     identities = {b: resolve_weights(b, weights)[1] for b in backbones}
@@ -254,11 +271,11 @@ def data_check(
 ):
     """Which datasets are present, incomplete or missing, and why. Exit 2 when a named dataset (or,
     without -d, every dataset) is unusable."""
-    from harness.cards import get_card, suite_cards
+    from harness.cards import all_cards, get_card
     from harness.data.check import check_dataset
     from harness.data.demo import ensure_demo
 
-    cards = [get_card(n) for n in _split(dataset)] or suite_cards(suite)
+    cards = [get_card(n) for n in _split(dataset)] or [c for c in all_cards().values() if c.suite == suite]
     demo = [c for c in cards if c.suite == "demo"]
     root = ensure_demo(demo) if demo and len(demo) == len(cards) else paths.data_root(data_root)
     table = Table("dataset", "status", "path", "detail", title=f"data root {root.resolve()}")

@@ -32,7 +32,7 @@ def harness_backbone(name: str) -> str:
     return str(name).strip().replace("/", "-")
 
 
-def display_name(method: str, config) -> str:
+def display_name(method: str, config, with_protocol: bool = True) -> str:
     """The leaderboard name of a run: the method, or its paper variant's name when every hyper-parameter
     that makes the variant matches (coop + n_ctx=4 + ctx_init "a photo of a" -> coop_ctx4)."""
     if isinstance(config, str):
@@ -43,14 +43,17 @@ def display_name(method: str, config) -> str:
         (v for v, (name, wanted) in VARIANTS.items() if method == name and all(hparams.get(k) == w for k, w in wanted.items())),
         method,
     )
-    tags = protocol_tags(config)
+    tags = protocol_tags(config, with_protocol)
     return f"{label} ({', '.join(tags)})" if tags else label
 
 
-def protocol_tags(config: dict) -> list[str]:
-    """What sets a run's protocol apart from the default one (CoOp's subsets, few-shot val search):
-    runs that differ here are different rows, never averaged together."""
+def protocol_tags(config: dict, with_protocol: bool = True) -> list[str]:
+    """What sets a run apart from the default recipe's row (another evaluation protocol, subsets
+    other than CoOp's, the full-val search, other templates): runs that differ here are different
+    rows, never averaged together."""
     tags = []
+    if with_protocol and config.get("eval_protocol", "fewshot") != "fewshot":
+        tags.append(config["eval_protocol"])
     sampler = config.get("sampler")
     if sampler == "files":
         tags.append("split files")
@@ -79,7 +82,7 @@ def published_frame() -> pd.DataFrame:
     """Every published CSV, concatenated, with harness backbone names."""
     frames = []
     for entry in sorted(published_dir().iterdir(), key=lambda p: p.name):
-        if entry.name.endswith(".csv"):
+        if entry.name.startswith("published_") and entry.name.endswith(".csv"):
             with entry.open("r", encoding="utf-8") as fh:
                 frames.append(pd.read_csv(fh)[COLUMNS])
     if not frames:
@@ -99,3 +102,15 @@ def load_published(db: Path) -> int:
         con.execute("CREATE OR REPLACE TABLE published AS SELECT * FROM published_df")
         con.unregister("published_df")
     return len(frame)
+
+
+GENERALISATION = "generalisation.csv"  # base-to-new and domain-shift numbers: protocol, target, metric
+
+
+def generalisation_frame() -> pd.DataFrame:
+    """Published numbers of the generalisation protocols, one row per (source, method, target, metric)."""
+    path = published_dir() / GENERALISATION
+    with path.open("r", encoding="utf-8") as fh:
+        frame = pd.read_csv(fh)
+    frame["backbone"] = frame["backbone"].map(harness_backbone)
+    return frame

@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from harness.cards import DatasetCard
 from harness.paths import cache_dir
@@ -34,7 +34,10 @@ COLOURS = {
     "purple": (130, 40, 170), "orange": (245, 140, 20), "cyan": (30, 210, 220), "pink": (250, 140, 200),
 }
 TEXTURES = ["striped", "checkered", "dotted", "zigzagged", "grid", "speckled", "banded", "blotchy"]
-CLASSNAMES = {"shapes": SHAPES, "colours": list(COLOURS), "textures": TEXTURES}
+# shapes_outline and shapes_recolour: the shapes' classes under a domain shift (the demo's
+# ImageNet-Sketch / ImageNet-R): outlines only, or inverted contrast with light fills on dark.
+CLASSNAMES = {"shapes": SHAPES, "colours": list(COLOURS), "textures": TEXTURES,
+              "shapes_outline": SHAPES, "shapes_recolour": SHAPES}
 MARKER = ".complete"  # written last, inside the dataset folder
 
 
@@ -118,7 +121,27 @@ def texture_mask(name: str, rng: np.random.Generator) -> np.ndarray:
     return m
 
 
+def draw_shifted(generator: str, cls: str, rng: np.random.Generator) -> Image.Image:
+    """A shape of class `cls` under a shift: its outline only, or light on a dark background."""
+    if generator == "shapes_outline":
+        mask = Image.new("L", (SIZE, SIZE), 0)
+        draw_shape(ImageDraw.Draw(mask), cls, rng, 255)
+        edges = np.asarray(mask.filter(ImageFilter.FIND_EDGES)) > 0
+        bg = np.array([int(c) for c in rng.integers(150, 240, size=3)], np.uint8)
+        ink = np.array([int(c) for c in rng.integers(0, 90, size=3)], np.uint8)
+        arr = np.where(edges[..., None], ink, bg)
+    else:
+        bg = tuple(int(c) for c in rng.integers(0, 50, size=3))
+        img = Image.new("RGB", (SIZE, SIZE), bg)
+        draw_shape(ImageDraw.Draw(img), cls, rng, tuple(int(c) for c in rng.integers(180, 256, size=3)))
+        arr = np.asarray(img)
+    noise = rng.normal(0, 8, size=(SIZE, SIZE, 3))
+    return Image.fromarray(np.clip(arr.astype(np.float32) + noise, 0, 255).astype(np.uint8))
+
+
 def draw_image(generator: str, cls: str, rng: np.random.Generator) -> Image.Image:
+    if generator in ("shapes_outline", "shapes_recolour"):
+        return draw_shifted(generator, cls, rng)
     bg = tuple(int(c) for c in rng.integers(60, 200, size=3))
     if generator == "textures":
         fg = tuple(int(c) for c in rng.integers(0, 256, size=3))

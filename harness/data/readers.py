@@ -40,7 +40,8 @@ def read_dataset(card: DatasetCard, data_root: Path) -> DatasetSplits:
     root = dataset_folder(card, data_root)
     if not root.is_dir():
         raise DataError(f"Dataset '{card.name}' is missing: expected CoOp's folder {root}.")
-    reader = {"coop_split": _read_coop_split, "fgvc_aircraft": _read_fgvc, "imagenet": _read_imagenet}[card.reader]
+    reader = {"coop_split": _read_coop_split, "fgvc_aircraft": _read_fgvc, "imagenet": _read_imagenet,
+              "imagenet_variant": _read_imagenet_variant}[card.reader]
     train, val, test, classnames = reader(card, root)
     validate_labels(card, root / (card.split_file or ""), train + val + test, classnames)
     return DatasetSplits(card, root, train, val, test, classnames)
@@ -150,3 +151,33 @@ def _read_imagenet(card: DatasetCard, root: Path):
 
     train, test = read("train"), read("val")  # ImageNet's official val is the test split
     return train, [], test, _classnames(train + test)
+
+
+def _read_imagenet_variant(card: DatasetCard, root: Path):
+    """ImageNet-V2 / -Sketch / -A / -R in CoOp's layout: test images only, in class folders named by
+    label index (V2: folder i is the i-th line of classnames.txt) or by wnid (the others: labels by
+    sorted wnid, so A and R have 200 classes, each named from classnames.txt)."""
+    names_path = root / "classnames.txt"
+    if not names_path.is_file():
+        raise DataError(f"Dataset '{card.name}': {names_path} is missing (a copy of ImageNet's classnames.txt, as CoOp's DATASETS.md says).")
+    lines = [line.strip().partition(" ") for line in names_path.read_text().splitlines() if line.strip()]
+    image_dir = root / card.image_dir
+    if not image_dir.is_dir():
+        raise DataError(f"Dataset '{card.name}': image folder {image_dir} is missing.")
+    if card.folders == "index":
+        classes = [(str(i), name) for i, (_, _, name) in enumerate(lines)]
+    else:
+        wnid_name = {wnid: name for wnid, _, name in lines}
+        folders = sorted(f.name for f in image_dir.iterdir() if f.is_dir() and not f.name.startswith("."))
+        unknown = [f for f in folders if f not in wnid_name]
+        if unknown:
+            raise DataError(f"Dataset '{card.name}': folder {image_dir / unknown[0]} has no line in {names_path}.")
+        classes = [(wnid, wnid_name[wnid]) for wnid in folders]
+    test = []
+    for label, (folder, name) in enumerate(classes):
+        path = image_dir / folder
+        if not path.is_dir():
+            raise DataError(f"Dataset '{card.name}': class folder {path} is missing.")
+        for image in sorted(p for p in path.iterdir() if not p.name.startswith(".")):
+            test.append(Item(_rel(card, f"{folder}/{image.name}"), label, name))
+    return [], [], test, [name for _, name in classes]

@@ -37,6 +37,7 @@ def load_runs(db: Path, published: bool = True) -> tuple[pd.DataFrame, pd.DataFr
     runs["base_method"] = runs["method"]
     runs["method"] = [display_name(m, c) for m, c in zip(runs["base_method"], runs["config"])]
     runs["suite"] = runs["suite"].fillna("unknown")
+    runs["protocol"] = runs["protocol"].fillna("fewshot") if "protocol" in runs else "fewshot"  # older databases: fewshot
     return runs, published
 
 

@@ -8,8 +8,6 @@ from importlib import metadata
 
 import pandas as pd
 
-from harness.report.aggregate import Aggregate
-
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "duckdb", "pandas", "matplotlib", "jinja2")
 
 
@@ -27,10 +25,10 @@ def subset_source(config: dict) -> str:
     return config.get("sampler") or "coop (before samplers were recorded)"
 
 
-def provenance(agg: Aggregate) -> dict:
+def provenance(runs: pd.DataFrame) -> dict:
+    """Methods, configs as run, subsets and versions of `runs` (every run, of every protocol)."""
     from methods import REGISTRY
 
-    runs = agg.runs
     methods = []
     for cls in REGISTRY.values():
         methods.append({"name": cls.name, "paper": cls.paper, "deviations": cls.deviations,
