@@ -19,16 +19,17 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def three_class_cards(tmp_path_factory):
-    """The small CoOp-layout datasets of tests/coop_layout.py hold 3 classes: declare them so with
+    """The small CoOp-layout datasets of tests/coop_layout.py hold 3 classes (ImageNet-A/-R: 2): declare them so with
     cards in $HARNESS_CARDS (a user's way to run a class subset), the shipped cards otherwise unchanged."""
     import yaml
 
     from harness.cards import all_cards, cards_dir
 
     folder = tmp_path_factory.mktemp("cards")
-    for name in ("eurosat", "fgvc_aircraft", "imagenet"):
+    sizes = {"eurosat": 3, "fgvc_aircraft": 3, "imagenet": 3, "imagenetv2": 3, "imagenet_sketch": 3, "imagenet_a": 2, "imagenet_r": 2}
+    for name, n in sizes.items():
         raw = yaml.safe_load(cards_dir().joinpath(f"{name}.yaml").read_text())
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump({**raw, "num_classes": 3}))
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({**raw, "num_classes": n}))
     os.environ["HARNESS_CARDS"] = str(folder)
     all_cards.cache_clear()
     yield folder

@@ -57,3 +57,26 @@ def make_imagenet(root: Path, train=8, val=4, classes=(("n01440764", "tench"), (
             for k in range(count):
                 _image(folder / "images" / split / wnid / f"{wnid}_{k}.JPEG", label, k + (100 if split == "val" else 0))
     return folder
+
+
+IMAGENET_CLASSES = (("n01440764", "tench"), ("n01443537", "goldfish"), ("n01484850", "great white shark"))
+
+
+def make_imagenet_shifts(root: Path, per_class: int = 3, subset=("n01443537", "n01484850")) -> None:
+    """ImageNet-V2 (folders 0..2), -Sketch (all wnids) and -A/-R (the wnids in `subset`) in CoOp's
+    layout, each with its copy of classnames.txt."""
+    names = "".join(f"{w} {n}\n" for w, n in IMAGENET_CLASSES)
+    layouts = {
+        "imagenetv2/imagenetv2-matched-frequency-format-val": [str(i) for i in range(len(IMAGENET_CLASSES))],
+        "imagenet-sketch/images": [w for w, _ in IMAGENET_CLASSES],
+        "imagenet-adversarial/imagenet-a": list(subset),
+        "imagenet-rendition/imagenet-r": list(subset),
+    }
+    for where, folders in layouts.items():
+        base = root / where
+        (base.parent / "classnames.txt").parent.mkdir(parents=True, exist_ok=True)
+        (base.parent / "classnames.txt").write_text(names)
+        for folder in folders:
+            label = int(folder) if folder.isdigit() else [w for w, _ in IMAGENET_CLASSES].index(folder)
+            for k in range(per_class):
+                _image(base / folder / f"{k}.jpg", label, 500 + k)
