@@ -81,7 +81,8 @@ class CLIPLoRA(Method):
     deviations = (
         "bf16 autocast on CUDA by default instead of fp16 + GradScaler (--precision fp16 runs the official one; fp32 on CPU); LoRA factored (x A^T) B^T in training "
         f"and merged for evaluation instead of B@A at every forward (same function); {AUGMENT_DEVIATION}; "
-        "text tower on the prompt tokens only (same features); suite overrides may lower steps_per_shot"
+        "text tower on the prompt tokens only (same features); suite overrides may lower steps_per_shot; "
+        "few-shot subsets from CoOp's draw by default (CLIP-LoRA's own draw, val first and padded: --sampler clip_lora)"
     )
     open_vocabulary = True
     defaults = {
