@@ -50,8 +50,24 @@ def current_numbers(db: Path) -> pd.DataFrame:
     if ok.empty:
         raise HarnessError(f"The run database {db} holds no successful runs to check. Run `harness run ...` first.")
     frame = per_dataset(ok)[KEY + ["mean", "std", "n_seeds"]]
+    frame = pd.concat([frame, target_numbers(db, runs)], ignore_index=True)
     frame = frame.dropna(subset=["mean"])  # a protocol headline that does not apply (a closed-set method's new classes)
     return frame.sort_values(KEY).reset_index(drop=True)
+
+
+def target_numbers(db: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Every stored per-target number of the generalisation protocols, as entries `dataset:target`
+    (e.g. `demo_shapes:new`) of the run's method row, mean and std over seeds."""
+    from harness.report.protocols import load_evaluations
+
+    ev = load_evaluations(db, runs)
+    if ev.empty:
+        return pd.DataFrame(columns=KEY + ["mean", "std", "n_seeds"])
+    ev = ev.merge(runs[["config_hash", "method", "shots"]], on="config_hash")
+    ev["dataset"] = ev["dataset"] + ":" + ev["target"]
+    out = ev.groupby(KEY)["top1"].agg(mean="mean", std="std", n_seeds="count").reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out
 
 
 def write_baseline(db: Path, baseline: Path) -> int:

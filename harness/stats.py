@@ -40,8 +40,9 @@ def wilson_interval(top1: float, n_test: int) -> tuple[float, float]:
 
 
 def interval(values, n_test: int | None = None) -> tuple[float, float]:
-    """The interval the report shows: over seeds when there are >= 2, else Wilson for one run."""
-    values = list(values)
+    """The interval the report shows: over seeds when there are >= 2, else Wilson for one run
+    (runs without a number, e.g. a headline that does not apply, are left out)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
     if len(values) >= 2:
         return t_interval(values)
     if len(values) == 1 and n_test:

@@ -101,6 +101,12 @@ def test_closed_set_methods_are_not_applicable_to_new_classes(tmp_path, capsys):
     html = (out / "index.html").read_text()
     assert "Base-to-new generalisation" in html and 'class="na"' in html and "n/a" in html
     assert "CoCoOp, Zhou et al. CVPR 2022" not in html  # published averages are for ViT-B/16 only
+    baseline = tmp_path / "b.csv"  # check guards the headline and every per-target number
+    assert run_cli(["check", "--db", str(db), "--update", "--baseline", str(baseline)]) == 0
+    guarded = baseline.read_text()
+    assert "zero_shot (base2new),demo_colours:new" in guarded and "tip_adapter (base2new),demo_colours:base" in guarded
+    assert "tip_adapter (base2new),demo_colours:new" not in guarded  # not applicable: nothing to guard
+    assert run_cli(["check", "--db", str(db), "--baseline", str(baseline)]) == 0
 
 
 def test_domain_shift_restricts_a_and_r_to_their_classes(tmp_path, capsys):
