@@ -56,11 +56,12 @@ def base2new_section(ev: pd.DataFrame, published: pd.DataFrame) -> dict:
             b, n = (_cell(g.loc[g.target == t, "top1"], g.loc[g.target == t, "reason"]) for t in ("base", "new"))
             h = harmonic_mean(b["mean"], n["mean"]) if not (math.isnan(b["mean"]) or math.isnan(n["mean"])) else math.nan
             per[d] = (b, n, {"text": "n/a" if math.isnan(h) else f"{h:.2f}", "cls": "h", "note": "harmonic mean of the seed means"})
-        means = [tuple(per[d][i]["mean"] for d in datasets) for i in (0, 1)]
-        complete = all(not math.isnan(x) for x in means[0] + means[1])
-        avg_b = sum(means[0]) / len(datasets) if complete else math.nan
-        avg_n = sum(means[1]) / len(datasets) if complete else math.nan
-        avg_h = harmonic_mean(avg_b, avg_n) if complete else math.nan
+        def average(i: int) -> float:  # over every dataset, or none (a closed-set method's new classes)
+            values = [per[d][i]["mean"] for d in datasets]
+            return math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
+
+        avg_b, avg_n = average(0), average(1)
+        avg_h = math.nan if math.isnan(avg_b) or math.isnan(avg_n) else harmonic_mean(avg_b, avg_n)
         rows.append({"method": name, "per": per, "avg": [avg_b, avg_n, avg_h], "recipe": _recipe_note("base2new", group["config"], name)})
     rows.sort(key=lambda r: -r["avg"][2] if not math.isnan(r["avg"][2]) else math.inf)
     pub = published[(published.protocol == "base2new") & (published.dataset == "average")]
