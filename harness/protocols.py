@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import yaml
 
-from harness.cards import all_cards, cards_dir, get_card
+from harness.cards import cards_dir, get_card, suite_cards
 from harness.data.readers import Item
 from harness.errors import HarnessError
 
@@ -49,7 +49,7 @@ class Protocol:
         if requested or self.name == "fewshot":
             return requested
         if not self.source:
-            return [c.name for c in all_cards().values() if c.suite == suite and not c.target_only]
+            return [c.name for c in suite_cards(suite)]
         if suite not in self.source:
             raise HarnessError(f"--protocol {self.name} has no source dataset for the {suite} suite.")
         return [self.source[suite]]
@@ -61,8 +61,7 @@ class Protocol:
             return [Target("base", dataset, "base"), Target("new", dataset, "new")]
         source = [Target(dataset, dataset)]  # the source's own test split, reported beside the targets
         if self.targets == "others":
-            return source + [Target(c.name, c.name) for c in all_cards().values()
-                             if c.suite == suite and c.name != dataset and not c.target_only]
+            return source + [Target(c.name, c.name) for c in suite_cards(suite) if c.name != dataset]
         return source + [Target(name, name) for name in self.targets.get(suite, [])]
 
     def headline_of(self, results: dict[str, float | None]) -> float | None:

@@ -95,14 +95,19 @@ class ImageSet:
         return len(self.items)
 
     @cached_property
+    def content(self) -> str:
+        """These images' `content_key` (one stat per image, once per ImageSet)."""
+        return content_key(self.root, self.items)
+
+    @cached_property
     def key(self) -> str:
-        """Names these images by content (see `content_key`): features and originals cached under it
-        are recomputed when any image changes on disk."""
-        return digest(self.dataset, content_key(self.root, self.items))
+        """Names these images by content: pixels, features and originals cached under it are
+        recomputed when any image changes on disk."""
+        return digest(self.dataset, self.content)
 
     def eval_pixels(self) -> torch.Tensor:
         if self._pixels is None:
-            self._pixels = eval_pixels(self.root, self.dataset, self.items, self.size)
+            self._pixels = eval_pixels(self.root, self.dataset, self.items, self.size, self.content)
         return self._pixels
 
     def originals(self, max_short_side: int | None = None) -> list[torch.Tensor]:

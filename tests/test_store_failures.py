@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -59,21 +60,28 @@ def _good_db(db: Path) -> bytes:
     return db.read_bytes()
 
 
-def test_locked_database_keeps_the_run_as_a_record(tmp_path, monkeypatch):
-    db, records = tmp_path / "h.duckdb", tmp_path / "records"
-    _good_db(db)
+@contextmanager
+def holding_lock(db: Path, seconds: float):
+    """Another process with `db` open (DuckDB's file lock) for `seconds`, from when it says ready."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('ready', flush=True); time.sleep(30)"],
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('ready', flush=True); time.sleep({seconds})"],
         stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "ready"
-        monkeypatch.setenv("HARNESS_DB_LOCK_WAIT", "1")
-        with pytest.raises(HarnessError) as err:
-            store_or_keep(db, _record("h2", 70.0), records)
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_locked_database_keeps_the_run_as_a_record(tmp_path, monkeypatch):
+    db, records = tmp_path / "h.duckdb", tmp_path / "records"
+    _good_db(db)
+    with holding_lock(db, 30) as holder:
+        monkeypatch.setenv("HARNESS_DB_LOCK_WAIT", "1")
+        with pytest.raises(HarnessError) as err:
+            store_or_keep(db, _record("h2", 70.0), records)
     msg = _one_line(str(err.value))
     assert "is locked" in msg and f"PID {holder.pid}" in msg and "Waited 1 s" in msg
     assert f"kept in {records / 'h2.json'}" in msg and f"harness ingest --db {db} --records {records}" in msg
@@ -86,17 +94,9 @@ def test_locked_database_keeps_the_run_as_a_record(tmp_path, monkeypatch):
 def test_lock_released_within_the_wait_is_waited_for(tmp_path, monkeypatch):
     db = tmp_path / "h.duckdb"
     _good_db(db)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('ready', flush=True); time.sleep(0.5)"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with holding_lock(db, 0.5):
         monkeypatch.setenv("HARNESS_DB_LOCK_WAIT", "20")
         store_or_keep(db, _record("h2", 70.0), tmp_path / "records")
-    finally:
-        holder.kill()
-        holder.wait()
     assert _stored(db) == [("h1", "ok", 61.5), ("h2", "ok", 70.0)]
     assert not (tmp_path / "records").exists()
 

@@ -85,9 +85,15 @@ def sample_coop(splits: DatasetSplits, shots: int, seed: int) -> Manifest:
     if splits.val:
         val = dassl_sample(splits.val, n_val)
     else:  # ImageNet: val from the train images CoOp did not choose, after CoOp's own draw
-        chosen = set(train)
-        val = dassl_sample([it for it in splits.train if it not in chosen], n_val)
+        val = val_from_rest(splits, train, n_val)
     return Manifest(splits.card.name, shots, seed, train, val, "coop")
+
+
+def val_from_rest(splits: DatasetSplits, train: list[Item], n_val: int) -> list[Item]:
+    """A val subset for a dataset without a val split (ImageNet): `n_val` per label, drawn on the
+    current `random` stream from the train images not in `train`, so the training draw is untouched."""
+    chosen = set(train)
+    return dassl_sample([it for it in splits.train if it not in chosen], n_val)
 
 
 def sample_clip_lora(splits: DatasetSplits, shots: int, seed: int) -> Manifest:

@@ -87,15 +87,16 @@ def content_key(root: Path, items: list[Item]) -> str:
     return digest(str(Path(root).resolve()), [fingerprint(it) for it in items])
 
 
-def eval_pixels(root: Path, dataset: str, items: list[Item], size: int) -> torch.Tensor:
-    """[N, 3, size, size] uint8 evaluation pixels, decoded once and cached on disk (keyed by content)."""
+def eval_pixels(root: Path, dataset: str, items: list[Item], size: int, content: str) -> torch.Tensor:
+    """[N, 3, size, size] uint8 evaluation pixels, decoded once and cached on disk under `content`,
+    the items' `content_key` (computed once by the caller)."""
 
     def decode() -> torch.Tensor:
         if not items:
             return torch.empty(0, 3, size, size, dtype=torch.uint8)
         return torch.stack(_map(lambda it: eval_view(load_rgb(root / it.path), size), items))
 
-    return cached_tensor("pixels", f"{dataset}/{size}px_{len(items)}_{content_key(root, items)}", decode)
+    return cached_tensor("pixels", f"{dataset}/{size}px_{len(items)}_{content}", decode)
 
 
 def normalize(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -24,7 +24,7 @@ import pickle
 import random
 from pathlib import Path, PurePath
 
-from harness.data.fewshot import Manifest, dassl_sample
+from harness.data.fewshot import Manifest, val_from_rest
 from harness.data.readers import DatasetSplits, Item
 from harness.errors import DataError
 
@@ -142,7 +142,6 @@ def read_split_files(splits: DatasetSplits, splits_dir: Path, shots: int, seed: 
         raise DataError(f"Split file {files[0]}: no training image for class {names}{' ...' if len(missing) > 5 else ''}.")
     if not val:
         random.seed(seed)
-        chosen = set(train)
-        val = dassl_sample([it for it in splits.train if it not in chosen], min(shots, 4))
+        val = val_from_rest(splits, train, min(shots, 4))
     source = f"files {', '.join(f.name for f in files)}"
     return Manifest(splits.card.name, shots, seed, train, val, source), digest.hexdigest()
