@@ -173,7 +173,12 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
     size = backbone.image_size
     if spec.shots > 0:
         if spec.splits_dir:
-            manifest, _ = read_split_files(splits, Path(spec.splits_dir), spec.shots, spec.seed)
+            manifest, sha = read_split_files(splits, Path(spec.splits_dir), spec.shots, spec.seed)
+            if sha != spec.splits_hash:  # the run's identity is the content it was planned with
+                raise DataError(
+                    f"The split files for {spec.dataset} {spec.shots}-shot seed {spec.seed} under {spec.splits_dir} changed "
+                    "after the sweep started. Run the command again to plan with their new content."
+                )
         else:
             manifest = manifest_for(splits, spec.shots, spec.seed, spec.sampler)
         train_items, val_items = manifest.train, manifest.val

@@ -147,3 +147,23 @@ def test_run_with_splits_stores_the_files_hash_and_refuses_missing_ones(tmp_path
     samplers = sorted(json.loads(c)["sampler"] for (c,) in con.execute("SELECT config FROM runs").fetchall())
     con.close()
     assert samplers == ["clip_lora", "files"]
+
+
+def test_split_files_changed_after_planning_stop_the_run(tmp_path, tiny):
+    """The run is keyed by the files' content when planned; other content at run time is refused."""
+    from harness.grid import build_grid
+    from harness.runner import run_one
+    from methods import ImageSet
+    from methods.base import Steps
+
+    folder = make_split_json(tmp_path)
+    splits = read_dataset(get_card("eurosat"), tmp_path)
+    path = folder / "split_fewshot" / "shot_1-seed_1_train.jsonl"
+    jsonl(path, splits.train[::6], "eurosat/")
+    _, sha = read_split_files(splits, tmp_path, 1, 1)
+    (spec,) = build_grid(["tip_adapter"], ["eurosat"], "standard", [1], [1], {"tiny": tiny.weights}, "fp32",
+                         {}, split_hashes={("eurosat", 1, 1): sha}, splits_dir=str(tmp_path))
+    jsonl(path, splits.train[1::6], "eurosat/")  # edited after the grid was planned
+    test = ImageSet(splits.root, "eurosat", splits.test, tiny.image_size)
+    with pytest.raises(DataError, match="changed after the sweep started"):
+        run_one(spec, tiny, splits, test, {}, lambda total, desc: Steps())
