@@ -30,27 +30,15 @@ only; recorded in the run's config).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from harness.backbones import encode_token_embeddings
-from harness.data.images import AUGMENT_DEVIATION, normalize, random_resized_crops
-from methods.base import ImageSet, Method, Task, check_finite, register
+from harness.data.images import AUGMENT_DEVIATION, normalize
+from methods import dassl_loop
+from methods.base import ImageSet, Method, Task, register
+from methods.dassl_loop import DASSL_DEFAULTS, DASSL_SCHEMA, coop_lr  # noqa: F401  (coop_lr: CoOp's schedule, re-exported)
 from methods.hparams import Param
-
-
-def coop_lr(epoch: int, max_epoch: int, lr: float = 0.002, warmup_lr: float = 1e-5, warmup_epochs: int = 1) -> float:
-    """Learning rate of 1-based `epoch`: Dassl's ConstantWarmupScheduler around CosineAnnealingLR.
-
-    The warm-up epochs count toward `max_epoch`; the cosine restarts from `lr` right after them,
-    so epoch e > warmup gets lr/2 * (1 + cos(pi * (e - warmup - 1) / max_epoch)) (with the defaults:
-    0.001 * (1 + cos(pi * (e - 2) / max_epoch))); it never reaches 0 within the run.
-    """
-    if epoch <= warmup_epochs:
-        return warmup_lr
-    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - warmup_epochs - 1) / max_epoch))
 
 
 def epochs_for_shots(shots: int) -> int:
@@ -105,13 +93,7 @@ class CoOp(Method):
         "init_std": 0.02,
         "epochs": None,  # None: by shots (50 / 100 / 100 / 200 / 200); ImageNet's card sets 50
         "epoch_scale": 1.0,
-        "lr": 0.002,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 1,
-        "warmup_lr": 1e-5,
-        "batch_size": 32,
-        "crop_scale": [0.08, 1.0],
+        **DASSL_DEFAULTS,
     }
     schema = {
         "n_ctx": Param(int, ge=1, le=72),
@@ -119,59 +101,33 @@ class CoOp(Method):
         "init_std": Param(float, gt=0),
         "epochs": Param(int, ge=1, optional=True),
         "epoch_scale": Param(float, gt=0),
-        "lr": Param(float, gt=0),
-        "momentum": Param(float, ge=0, lt=1),
-        "weight_decay": Param(float, ge=0),
-        "warmup_epochs": Param(int, ge=0),
-        "warmup_lr": Param(float, ge=0),
-        "batch_size": Param(int, ge=1),
-        "crop_scale": Param(list, item=float, length=2, gt=0, le=1),
+        **DASSL_SCHEMA,
     }
 
     def fit(self, task: Task) -> None:
         hp = self.hp
-        model = task.backbone.model
         self.prompts = PromptLearner(task, hp["n_ctx"], hp["init_std"], hp["ctx_init"])
-        self.logit_scale = float(model.logit_scale.exp())
+        self.logit_scale = float(task.backbone.model.logit_scale.exp())
         epochs = hp["epochs"] or epochs_for_shots(task.shots)
         self.epochs = max(1, round(epochs * hp["epoch_scale"]))
-
-        images = task.train_originals()  # decoded once per few-shot set, on the device
-        labels = task.train.labels.to(task.device)
-        n, bs = len(images), hp["batch_size"]
-        drop_last = n >= bs  # Dassl: drop_last only when the set fills at least one batch
-        batches = n // bs if drop_last else math.ceil(n / bs)
-        optimizer = torch.optim.SGD(
-            [self.prompts.ctx], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
-        )
-        self.epoch_lrs: list[float] = []
-        scaler = task.grad_scaler()
-        steps = task.start_steps(self.epochs, "coop epochs")
-        step = 0
-        for epoch in range(1, self.epochs + 1):
-            lr = coop_lr(epoch, self.epochs, hp["lr"], hp["warmup_lr"], hp["warmup_epochs"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            self.epoch_lrs.append(lr)
-            order = torch.randperm(n).tolist()
-            for b in range(batches):
-                idx = order[b * bs : (b + 1) * bs]
-                with torch.no_grad():
-                    crops = random_resized_crops([images[i] for i in idx], task.backbone.image_size, tuple(hp["crop_scale"]))
-                    with task.autocast():
-                        feats = model.encode_image(normalize(crops, task.device))
-                    feats = F.normalize(feats.float(), dim=-1)
-                logits = self.logit_scale * feats @ self.prompts.text_features(task).T
-                loss = F.cross_entropy(logits, labels[idx])
-                check_finite(loss, step)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-            steps.advance()
+        self.epoch_lrs = dassl_loop.train(task, [self.prompts.ctx], hp, self.epochs, self.forward_backward(task), self.name)
         with torch.no_grad():
             self.text_weights = self.prompts.text_features(task)
+
+    def logits(self, task: Task, crops: torch.Tensor) -> torch.Tensor:
+        """Training logits of a batch of crops: frozen image features (no autograd) against the
+        learned prompts' text features."""
+        with torch.no_grad(), task.autocast():
+            feats = F.normalize(task.backbone.model.encode_image(normalize(crops, task.device)).float(), dim=-1)
+        return self.logit_scale * feats @ self.prompts.text_features(task).T
+
+    def forward_backward(self, task: Task) -> dassl_loop.ForwardBackward:
+        def step(crops, labels, scaler):
+            loss = F.cross_entropy(self.logits(task, crops), labels)
+            scaler.scale(loss).backward()
+            return loss.detach()
+
+        return step
 
     @classmethod
     def config_error(cls, hp: dict, card) -> str | None:
