@@ -58,6 +58,7 @@ def check_sampler(name: str) -> None:
 def run(
     method: Optional[list[str]] = typer.Option(None, "-m", "--method", help="Method name(s), comma-separated."),
     all_methods: bool = typer.Option(False, "--all-methods", help="Every registered method."),
+    method_path: Optional[list[Path]] = typer.Option(None, "--method-path", help="A .py file that registers a method (see README \"Add your method\"), repeatable."),
     dataset: Optional[list[str]] = typer.Option(None, "-d", "--dataset", help="Dataset name(s), comma-separated."),
     all_datasets: bool = typer.Option(False, "--all-datasets", help="Every dataset of the suite."),
     suite: str = typer.Option("standard", help="standard (the 11 CoOp datasets) or demo (generated)."),
@@ -92,12 +93,14 @@ def run(
     from harness.backbones import resolve_weights
     from harness.cards import get_card, suite_cards, suites
     from harness.grid import build_grid, check_grid, method_class, parse_sets
+    from harness.plugins import load_plugins, loaded_files
     from harness.protocols import check_targets, get_protocol
     from harness.records import default_records_dir, ingest
     from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
     from harness.store import completed_hashes, store_or_keep
     from methods import REGISTRY
 
+    load_plugins(method_path or [])  # entry points and --method-path files register before any name is resolved
     methods = list(REGISTRY) if all_methods else list(dict.fromkeys(_split(method)))
     if not methods:
         raise HarnessError("Name a method with -m/--method NAME (see `harness list methods`) or pass --all-methods.")
@@ -159,6 +162,7 @@ def run(
         failed = run_distributed(
             grid, done, executor, jobs, opts, records=records_dir, db=db_path, data_root=root,
             weights_paths=weights_paths, device=dev, dry_run=dry_run, wait=wait, console=console,
+            plugin_files=loaded_files(),
         )
         if failed:
             raise typer.Exit(1)
@@ -233,18 +237,24 @@ def status(
 
 
 @app.command("list")
-def list_(what: str = typer.Argument(..., help="methods, datasets or backbones")):
-    """List registered methods, dataset cards or backbones."""
+def list_(
+    what: str = typer.Argument(..., help="methods, datasets or backbones"),
+    method_path: Optional[list[Path]] = typer.Option(None, "--method-path", help="A .py file that registers a method (see README \"Add your method\"), repeatable."),
+):
+    """List registered methods (built-in and plugins), dataset cards or backbones."""
     from harness.backbones import BACKBONES, OPENAI_ARCH
     from harness.cards import all_cards
     from methods import REGISTRY
 
     if what == "methods":
+        from harness.plugins import ORIGINS, load_plugins
         from harness.published import VARIANTS
 
+        load_plugins(method_path or [])
         table = Table("method", "paper", "known deviations", "defaults", show_lines=True)
         for cls in REGISTRY.values():
-            table.add_row(cls.name, cls.paper, cls.deviations, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
+            paper = Text(cls.paper) + (Text(f"\n{ORIGINS[cls.name]}", style="dim") if cls.name in ORIGINS else Text(""))
+            table.add_row(cls.name, paper, cls.deviations, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
         for label, (name, hparams) in VARIANTS.items():
             sets = " ".join(f"--set '{k}={v}'" for k, v in hparams.items())
             table.add_row(label, f"paper variant of {name}", "as its method", f"harness run -m {name} {sets}")
@@ -317,10 +327,13 @@ def data_manifest(
 def report(
     db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
     out: Path = typer.Option(Path("reports"), help="Output folder for index.html and leaderboard.csv/.md/.tex."),
+    method_path: Optional[list[Path]] = typer.Option(None, "--method-path", help="A .py file that registers a method (see README \"Add your method\"), repeatable."),
 ):
     """Render the leaderboard: a self-contained index.html plus leaderboard .csv, .md and .tex."""
+    from harness.plugins import load_plugins
     from harness.report import render
 
+    load_plugins(method_path or [])  # plugin methods' papers and deviations in the provenance section
     _ingest_pending(paths.db_path(db))
     written = render(paths.db_path(db), out)
     for kind, path in written.items():

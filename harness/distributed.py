@@ -69,13 +69,16 @@ def shard(grid: list[RunSpec], jobs: int) -> list[list[RunSpec]]:
 class ShardJob(submitit.helpers.Checkpointable):
     """One worker: runs its shard, writing a record file per run. Requeued as is on preemption."""
 
-    def __init__(self, specs: list[RunSpec], data_root: str, records: str, weights_paths: dict, device: str, threads: int):
+    def __init__(self, specs: list[RunSpec], data_root: str, records: str, weights_paths: dict, device: str, threads: int,
+                 plugin_files: list[str] | None = None):
         self.specs, self.data_root, self.records = specs, data_root, records
         self.weights_paths, self.device, self.threads = weights_paths, device, threads
+        self.plugin_files = plugin_files or []  # --method-path files of the planning process (absolute paths)
 
     def __call__(self) -> dict:
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
+        check_plugins(self.specs, self.plugin_files)
         records = Path(self.records)
         names = {s.dataset for s in self.specs} | {t.dataset for s in self.specs for t in get_protocol(s.protocol).targets_for(s.dataset, s.suite)}
         datasets = load_datasets(sorted(names), Path(self.data_root))
@@ -90,6 +93,23 @@ class ShardJob(submitit.helpers.Checkpointable):
             running_dir=records,
         )
         return {"ok": result.ok, "failed": result.failed, "skipped": result.skipped}
+
+
+def check_plugins(specs: list[RunSpec], plugin_files: list[str]) -> None:
+    """Load the plugins the sweep was planned with (entry points and --method-path files) in this
+    worker, and refuse to run a plugin method whose source is not the one its config hash names."""
+    from harness.plugins import load_plugins, method_source
+    from methods import REGISTRY
+
+    load_plugins([Path(f) for f in plugin_files])
+    for spec in specs:
+        planned = spec.method_source
+        if spec.method not in REGISTRY:
+            raise HarnessError(f"method '{spec.method}' (planned from {planned}) is not available in this worker: install "
+                               "its plugin in the workers' environment or put its --method-path file on shared storage.")
+        if method_source(spec.method) != planned:
+            raise HarnessError(f"method '{spec.method}' is {method_source(spec.method)} in this worker but was planned as "
+                               f"{planned}: the plugin changed after the sweep started. Run the command again.")
 
 
 def make_executor(kind: str, folder: Path, opts: ClusterOptions) -> submitit.Executor:
@@ -118,7 +138,8 @@ def write_plan(records: Path, grid: list[RunSpec], shards: list[list[RunSpec]]) 
 
 
 def submit(
-    shards: list[list[RunSpec]], kind: str, *, records: Path, data_root: Path, weights_paths: dict, device: str, opts: ClusterOptions
+    shards: list[list[RunSpec]], kind: str, *, records: Path, data_root: Path, weights_paths: dict, device: str, opts: ClusterOptions,
+    plugin_files: list[str] | None = None,
 ) -> list[submitit.Job]:
     executor = make_executor(kind, records / "submitit", opts)
     n_gpus = torch.cuda.device_count() if device == "cuda" else 0
@@ -126,7 +147,8 @@ def submit(
     jobs = []
 
     def job_for(specs):
-        return ShardJob(specs, str(data_root), str(records), weights_paths, device, threads if kind == "local" else opts.cpus_per_job)
+        return ShardJob(specs, str(data_root), str(records), weights_paths, device, threads if kind == "local" else opts.cpus_per_job,
+                        plugin_files)
 
     if kind == "local":
         for i, specs in enumerate(shards):
@@ -163,6 +185,7 @@ def follow(jobs: list[submitit.Job], records: Path, total: int, since: str, cons
 def run_distributed(
     grid: list[RunSpec], done: set[str], executor: str, jobs: int, opts: ClusterOptions, *, records: Path, db: Path,
     data_root: Path, weights_paths: dict, device: str, dry_run: bool, wait: bool, console: Console,
+    plugin_files: list[str] | None = None,
 ) -> bool:
     """Shard, submit, follow and ingest a sweep; returns True when a run or a job failed."""
     from harness.published import load_published
@@ -185,7 +208,8 @@ def run_distributed(
     records.mkdir(parents=True, exist_ok=True)
     write_plan(records, todo, shards)
     since = datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
-    submitted = submit(shards, executor, records=records, data_root=data_root, weights_paths=weights_paths, device=device, opts=opts)
+    submitted = submit(shards, executor, records=records, data_root=data_root, weights_paths=weights_paths, device=device, opts=opts,
+                       plugin_files=plugin_files)
     console.print(f"Submitted {len(submitted)} jobs ({', '.join(j.job_id for j in submitted)}); records go to {records}.")
     if executor == "slurm" and not wait:
         console.print("Follow them with `harness status`; collect the records with `harness ingest` (report and check also ingest).")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from harness import PROTOCOL_VERSION
 from harness.cards import get_card, suites
 from harness.errors import HarnessError
+from harness.plugins import method_source
 from harness.protocols import get_protocol
 from methods import REGISTRY
 from methods.hparams import parse_value, validate
@@ -39,6 +40,8 @@ class RunSpec:
     splits_dir: str | None = field(default=None, hash=False, compare=False)  # --splits DIR (sampler "files")
     splits_hash: str | None = None  # sha256 of the split files: their content, not their path, is the identity
     protocol: str = "fewshot"  # evaluation protocol (datasets/_protocols.yaml)
+    # a plugin method's source (harness/plugins.py): its file's sha256, or its distribution and version; None: built-in
+    method_source: dict | None = field(default=None, hash=False, compare=False)
 
     @property
     def config(self) -> dict:
@@ -46,9 +49,11 @@ class RunSpec:
         if self.shots > 0:  # zero-shot runs use no few-shot subset
             subset = {"sampler": self.sampler} | ({"split_files_sha256": self.splits_hash} if self.splits_hash else {})
         evaluation = {} if self.protocol == "fewshot" else {"eval_protocol": self.protocol}  # fewshot: as before
+        source = {"method_source": self.method_source} if self.method_source else {}  # built-ins: as before
         return {
             **subset,
             **evaluation,
+            **source,
             "protocol": PROTOCOL_VERSION,
             "method": self.method,
             "hparams": self.hparams,
@@ -162,5 +167,6 @@ def build_grid(
                             splits_dir=splits_dir if files else None,
                             splits_hash=split_hashes[(dataset, k, seed)] if files else None,
                             protocol=protocol,
+                            method_source=method_source(method),
                         ))
     return grid
