@@ -3,5 +3,6 @@
 
 from methods.base import REGISTRY, ImageSet, Method, Task, register
 from methods import zero_shot, coop, tip_adapter, clip_lora, block_lora  # noqa: F401  (registers)
+from methods import clip_adapter, taskres, lp_pp, clap  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "ImageSet", "Method", "Task", "register"]

@@ -1,0 +1,135 @@
+"""CLAP: Silva-Rodriguez et al., "A Closer Look at the Few-Shot Adaptation of Large Vision-Language
+Models", CVPR 2024; follows the official jusiro/CLAP code (`trainers/adapters.py`, INIT=ZS,
+CONSTRAINT=l2, `configs/trainers/SGD_lr1e-1_B256_ep300.yaml`).
+
+- prototypes W [C, D] initialised to the zero-shot text embeddings t: per class the mean of the
+  UNnormalised text features over the templates (ImageNet: the 7 select templates + "a photo of a
+  {}."; other datasets: the card's single CoOp template), as TaskRes's base;
+- logits = 100 cos(f, w_c) (CLIP's scale, fixed);
+- loss = CE + mean_c(lambda_c ||w_c - t_c||^2), lambda_c fixed before training ("l2" mode of
+  `init_lagrangian_multipliers`): the zero-shot model's mean softmax probability of the true class
+  over class c's augmented support features (all views);
+- support features: 20 augmented views per image, encoded once (RandomResizedCrop scale 0.08-1 +
+  flip, Dassl's), the bank shared with TaskRes; 300 epochs, each shuffling the 20N-feature bank and
+  taking as many batches of 256 as Dassl's image loader holds (N // 256 with the last partial batch
+  dropped, at least 1: about N samples); SGD lr 0.1, momentum 0.9, weight decay 0; 1 warm-up epoch
+  at 1e-5 then cosine, per epoch; last epoch (no validation); fp32.
+- `constraint: none` is the paper's ZS-LP baseline (same initialisation, CE only).
+
+Deviations: class names with underscores replaced by spaces (the official code formats the raw CoOp
+names); none otherwise known. ImageNet-A/-R use their 200 classes' rows (the harness restricts the
+logits by class name, as the official `load_model` does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import FiniteGuard, ImageSet, Method, Task, register
+from methods.coop import coop_lr
+from methods.feature_bank import augmented_views
+from methods.hparams import Param
+from methods.taskres import base_templates, raw_text_base
+
+
+def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    return 100.0 * F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T
+
+
+@torch.no_grad()
+def lagrangian_multipliers(features: torch.Tensor, labels: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """lambda_c: mean zero-shot softmax probability of the true class over class c's support features [M, D]."""
+    probs = cosine_logits(features, base).softmax(-1)
+    true = probs.gather(1, labels[:, None]).squeeze(1)
+    c = base.shape[0]
+    total = torch.zeros(c, device=features.device).index_add_(0, labels, true)
+    count = torch.zeros(c, device=features.device).index_add_(0, labels, torch.ones_like(true))
+    return total / count.clamp(min=1)
+
+
+def clap_loss(features, labels, prototypes, base, lam) -> torch.Tensor:
+    """CE(100 cos(f, w), y) + mean_c(lambda_c ||w_c - t_c||^2)."""
+    ce = F.cross_entropy(cosine_logits(features, prototypes), labels)
+    return ce + (lam * (prototypes - base).pow(2).sum(-1)).mean()
+
+
+def train_prototypes(bank: torch.Tensor, labels: torch.Tensor, base: torch.Tensor, lam: torch.Tensor, n_images: int,
+                     hp: dict, steps=None) -> torch.Tensor:
+    """SGD on prototypes initialised to `base` over the feature bank [M, D] (labels [M]); returns W."""
+    prototypes = base.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([prototypes], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    bs, epochs = hp["batch_size"], hp["epochs"]
+    iters = max(1, n_images // bs)  # len() of Dassl's image loader: the epoch takes about N samples
+    guard, step = FiniteGuard(), 0
+    for epoch in range(1, epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = coop_lr(epoch, epochs, hp["lr"], hp["warmup_lr"], hp["warmup_epochs"])
+        order = torch.randperm(len(labels), device=bank.device)
+        for b in range(iters):
+            idx = order[b * bs : (b + 1) * bs]
+            if len(idx) == 0:
+                break
+            loss = clap_loss(bank[idx], labels[idx], prototypes, base, lam)
+            guard.update(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        if steps is not None:
+            steps.advance()
+    guard.close()
+    return prototypes.detach()
+
+
+@register
+class CLAP(Method):
+    name = "clap"
+    paper = "Silva-Rodriguez et al., A Closer Look at the Few-Shot Adaptation of Large Vision-Language Models, CVPR 2024"
+    deviations = "class names with underscores replaced by spaces (official: raw CoOp names)"
+    defaults = {
+        "constraint": "l2",  # none: ZS-LP
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "batch_size": 256,
+        "epochs": 300,
+        "warmup_epochs": 1,
+        "warmup_lr": 1e-5,
+        "augment_views": 20,
+        "crop_scale": [0.08, 1.0],
+    }
+    schema = {
+        "constraint": Param(str, choices=("l2", "none")),
+        "lr": Param(float, gt=0),
+        "momentum": Param(float, ge=0, lt=1),
+        "weight_decay": Param(float, ge=0),
+        "batch_size": Param(int, ge=1),
+        "epochs": Param(int, ge=1),
+        "warmup_epochs": Param(int, ge=0),
+        "warmup_lr": Param(float, ge=0),
+        "augment_views": Param(int, ge=1),
+        "crop_scale": Param(list, item=float, length=2, gt=0, le=1),
+    }
+
+    def fit(self, task: Task) -> None:
+        hp = self.hp
+        self.base = raw_text_base(task, base_templates(task))  # [C, D]
+        views = augmented_views(task, hp["augment_views"], tuple(hp["crop_scale"]))  # raw [V, N, D]
+        n = views.shape[1]
+        bank = F.normalize(views.reshape(-1, views.shape[-1]), dim=-1)
+        labels = task.train.labels.to(task.device).repeat(len(views))
+        if hp["constraint"] == "l2":
+            self.lam = lagrangian_multipliers(bank, labels, self.base)
+        else:
+            self.lam = torch.zeros(len(self.base), device=task.device)
+        steps = task.start_steps(hp["epochs"], "clap epochs")
+        self.prototypes = train_prototypes(bank, labels, self.base, self.lam, n, hp, steps)
+
+    @torch.no_grad()
+    def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:
+        """The training classes only: one prototype per training class."""
+        return cosine_logits(task.frozen_features(images), self.prototypes)
+
+    def trainable_parameters(self) -> int:
+        return self.prototypes.numel() if hasattr(self, "prototypes") else 0
