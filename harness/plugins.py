@@ -22,6 +22,7 @@ import re
 import sys
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 from harness.errors import HarnessError
 
@@ -94,6 +95,15 @@ def _check_class(cls, where: str) -> None:
         raise HarnessError(f"plugin {where}: method name {cls.name!r} must be letters, digits, '_', '.' or '-' (no spaces or commas).")
 
 
+def _loaded_before(loaded, registry: dict) -> bool:
+    """Whether `loaded` (a class or module) was already registered by an earlier plugin."""
+    if isinstance(loaded, type):
+        return getattr(loaded, "name", None) in SOURCES and registry.get(loaded.name) is loaded
+    if isinstance(loaded, ModuleType):
+        return any(registry[n].__module__ == loaded.__name__ for n in SOURCES if n in registry)
+    return False
+
+
 def _load(where: str, load, source: dict) -> list[str]:
     """Run `load` (an import) and register what it contributes; roll back on any problem."""
     from methods import REGISTRY
@@ -122,8 +132,10 @@ def _load(where: str, load, source: dict) -> list[str]:
                 raise _taken(where, loaded.name, before)
             REGISTRY[loaded.name] = loaded
             added.append(loaded.name)
-        elif loaded is not None and not isinstance(loaded, type(sys)) and not isinstance(loaded, type):
+        elif loaded is not None and not isinstance(loaded, ModuleType) and not isinstance(loaded, type):
             raise HarnessError(f"plugin {where}: the entry point names {loaded!r}, not a Method subclass or a module.")
+        if not added and _loaded_before(loaded, REGISTRY):
+            return []  # e.g. a second entry point into a module whose import registered both classes
         if not added:
             raise HarnessError(
                 f"plugin {where} registers no method: decorate a methods.Method subclass with @register "
@@ -166,7 +178,7 @@ def load_plugins(method_paths: list[Path] | tuple = ()) -> list[str]:
         if key in _files:
             continue
         sha = file_sha256(path)
-        _load(f"{raw}", lambda: _import_file(path, sha), {"file_sha256": sha})
+        _load(str(raw), lambda p=path, h=sha: _import_file(p, h), {"file_sha256": sha})
         _files[key] = sha
     return list(SOURCES)
 

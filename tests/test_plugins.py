@@ -50,7 +50,7 @@ def test_the_installed_example_is_listed_run_stored_and_reported(tmp_path):
     source = shutil.copytree(EXAMPLE, tmp_path / "src")  # setuptools builds in the source tree: not in the repo's
     site = tmp_path / "site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                          "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
+                          "--target", str(site), str(source)], capture_output=True, text=True, timeout=300, check=False)
     assert pip.returncode == 0, pip.stderr
     db, bad = tmp_path / "h.duckdb", tmp_path / "bad.py"
     bad.write_text("import not_a_module_anywhere\n")
@@ -58,7 +58,7 @@ def test_the_installed_example_is_listed_run_stored_and_reported(tmp_path):
                 ["list", "methods", "--method-path", str(bad)]]
     script = f"import sys\nfrom harness.cli import run_cli\nfor argv in {commands!r}:\n    print('exit', run_cli(argv), flush=True)\n"
     env = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "250"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0 and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
     assert [line for line in out.stdout.splitlines() if line.startswith("exit ")] == ["exit 0", "exit 0", "exit 0", "exit 2"]
     assert "linear_probe" in out.stdout and "harness-linear-probe 0.1.0" in out.stdout
@@ -158,3 +158,35 @@ def test_two_plugins_with_one_name_name_both_files(tmp_path, capsys):
     assert run_cli(["list", "methods", "--method-path", str(first), "--method-path", str(second)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"plugin {second} registers method 'linear_probe', which is already plugin {first}" in err
+
+
+def test_entry_points_naming_classes_modules_or_other_things(tmp_path, monkeypatch, capsys):
+    from importlib.metadata import EntryPoint
+
+    (tmp_path / "two_probes.py").write_text(
+        "from methods import Method, register\n"
+        "@register\nclass A(Method):\n    name = 'probe_a'\n    paper = 'x'\n"
+        "@register\nclass B(Method):\n    name = 'probe_b'\n    paper = 'x'\n"
+        "class Unregistered(Method):\n    name = 'probe_c'\n    paper = 'x'\n"
+        "class Clash(Method):\n    name = 'zero_shot'\n    paper = 'x'\n"
+        "def helper():\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "two_probes", raising=False)
+    found = []
+    monkeypatch.setattr(plugins.metadata, "entry_points", lambda group: [e for e in found if e.group == group])
+
+    def load(*values):
+        plugins.reset()
+        found[:] = [EntryPoint(f"ep{i}", v, plugins.GROUP) for i, v in enumerate(values)]
+        return run_cli(["list", "methods"])
+
+    assert load("two_probes:A", "two_probes:B", "two_probes", "two_probes:Unregistered") == 0  # a class is registered for it
+    assert {"probe_a", "probe_b", "probe_c"} <= set(REGISTRY) and plugins.method_source("probe_c") == {"distribution": "unknown",
+                                                                                                         "version": "unknown"}
+    capsys.readouterr()
+    assert load("two_probes:Clash") == 2
+    assert "entry point 'ep0 = two_probes:Clash'" in " ".join(capsys.readouterr().err.split())
+    assert REGISTRY["zero_shot"].__module__ == "methods.zero_shot"
+    assert load("two_probes:helper") == 2
+    assert "not a Method subclass or a module" in " ".join(capsys.readouterr().err.split())
