@@ -17,7 +17,7 @@
   update's own iteration);
 - selection: after every iteration the few-shot val accuracy is computed; the iteration with the
   best one (>=, so the latest of ties) is kept (`selection: val`, recorded in the run's config;
-  `last` keeps the final iteration). Test is never looked at.
+  `last` keeps the final iteration; without val images the last is kept). Test is never looked at.
 
 Deviations: the val set is the harness's few-shot val (min(K, 4) per class from the val split;
 LP++ draws K per class); fp32 (official: CLIP's fp16); shots come from the harness's CoOp-style
@@ -82,7 +82,6 @@ class LPPP(Method):
         "momentum": 0.9,
         "alpha_every": 10,
         "alpha_grad": "accumulate",  # the official code never zeroes alpha's gradient; current: fixed
-        "alpha_scale": 250.0,
         "selection": "val",  # best few-shot val iteration (>=, latest of ties); last: the final one
         "augment_views": 1,
         "crop_scale": [0.5, 1.0],
@@ -92,7 +91,6 @@ class LPPP(Method):
         "momentum": Param(float, ge=0, lt=1),
         "alpha_every": Param(int, ge=1),
         "alpha_grad": Param(str, choices=("accumulate", "current")),
-        "alpha_scale": Param(float, gt=0),
         "selection": Param(str, choices=("val", "last")),
         "augment_views": Param(int, ge=1),
         "crop_scale": Param(list, item=float, length=2, gt=0, le=1),
@@ -109,8 +107,7 @@ class LPPP(Method):
         with torch.no_grad():
             classifier.weight.copy_(class_sums(feats, labels, c))
         self.lr_w, self.lr_alpha = lr_w(feats), lr_alpha(feats, self.text)
-        a0 = init_alpha(feats, labels, self.text) * hp["alpha_scale"] / 250.0
-        alpha = torch.full((c,), a0, device=task.device, requires_grad=True)
+        alpha = torch.full((c,), init_alpha(feats, labels, self.text), device=task.device, requires_grad=True)
         optimizer = torch.optim.SGD(classifier.parameters(), lr=self.lr_w, momentum=hp["momentum"])
         use_val = hp["selection"] == "val" and len(task.val) > 0
         if use_val:
