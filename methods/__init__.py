@@ -6,3 +6,4 @@ from methods import zero_shot, coop, tip_adapter, clip_lora, block_lora  # noqa:
 from methods import clip_adapter, taskres, lp_pp, clap  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "ImageSet", "Method", "Task", "register"]
+from methods import cocoop, kgcoop, prograd, maple, plot_pp  # noqa: E402,F401

@@ -104,9 +104,13 @@ class CoOp(Method):
         **DASSL_SCHEMA,
     }
 
+    def build(self, task: Task) -> None:
+        """The learnable prompt, before training."""
+        self.prompts = PromptLearner(task, self.hp["n_ctx"], self.hp["init_std"], self.hp["ctx_init"])
+
     def fit(self, task: Task) -> None:
         hp = self.hp
-        self.prompts = PromptLearner(task, hp["n_ctx"], hp["init_std"], hp["ctx_init"])
+        self.build(task)
         self.logit_scale = float(task.backbone.model.logit_scale.exp())
         epochs = hp["epochs"] or epochs_for_shots(task.shots)
         self.epochs = max(1, round(epochs * hp["epoch_scale"]))
@@ -114,12 +118,16 @@ class CoOp(Method):
         with torch.no_grad():
             self.text_weights = self.prompts.text_features(task)
 
+    @torch.no_grad()
+    def image_features(self, task: Task, crops: torch.Tensor) -> torch.Tensor:
+        """L2-normalised features of a batch of crops through the frozen image encoder (no autograd)."""
+        with task.autocast():
+            feats = task.backbone.model.encode_image(normalize(crops, task.device))
+        return F.normalize(feats.float(), dim=-1)
+
     def logits(self, task: Task, crops: torch.Tensor) -> torch.Tensor:
-        """Training logits of a batch of crops: frozen image features (no autograd) against the
-        learned prompts' text features."""
-        with torch.no_grad(), task.autocast():
-            feats = F.normalize(task.backbone.model.encode_image(normalize(crops, task.device)).float(), dim=-1)
-        return self.logit_scale * feats @ self.prompts.text_features(task).T
+        """Training logits: the crops' frozen features against the learned prompts' text features."""
+        return self.logit_scale * self.image_features(task, crops) @ self.prompts.text_features(task).T
 
     def forward_backward(self, task: Task) -> dassl_loop.ForwardBackward:
         def step(crops, labels, scaler):
