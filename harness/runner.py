@@ -31,7 +31,7 @@ import harness
 from harness.backbones import Backbone, load_backbone
 from harness.cards import get_card
 from harness.data.demo import ensure_demo
-from harness.data.fewshot import manifest_for
+from harness.data.fewshot import Manifest, manifest_for
 from harness.data.readers import DatasetSplits, read_dataset
 from harness.data.splitfiles import read_split_files
 from harness.errors import DataError, HarnessError
@@ -142,6 +142,31 @@ def device_label(device: str) -> str:
     return f"cuda:{torch.cuda.get_device_name()}" if device == "cuda" else "cpu"
 
 
+def few_shot_subset(spec: RunSpec, splits: DatasetSplits, seed: int) -> tuple[Manifest | None, list, list, list[str]]:
+    """The run's few-shot subset for `seed` (its own seed, or another one a method's recipe asks
+    for): manifest, train and val items, and class names, restricted to the base classes where
+    the protocol trains on them."""
+    manifest, train_items, val_items = None, [], []
+    if spec.shots > 0:
+        if spec.splits_dir:
+            manifest, sha = read_split_files(splits, Path(spec.splits_dir), spec.shots, seed)
+            if seed == spec.seed and sha != spec.splits_hash:  # the run's identity is the content it was planned with
+                raise DataError(
+                    f"The split files for {spec.dataset} {spec.shots}-shot seed {seed} under {spec.splits_dir} changed "
+                    "after the sweep started. Run the command again to plan with their new content."
+                )
+        else:
+            manifest = manifest_for(splits, spec.shots, seed, spec.sampler)
+        train_items, val_items = manifest.train, manifest.val
+    classnames = clean(splits.classnames)
+    if get_protocol(spec.protocol).train == "base":  # CoCoOp: the subset is drawn on all classes, then kept to the base ones
+        base, _ = base_new_labels([it.label for it in train_items] or range(len(classnames)))
+        train_items = restrict(train_items, base, splits.classnames)
+        val_items = restrict(val_items, base, splits.classnames)
+        classnames = [classnames[label] for label in base]
+    return manifest, train_items, val_items, classnames
+
+
 def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: ImageSet, feature_cache: dict, start_steps,
             datasets: dict[str, DatasetSplits] | None = None) -> dict:
     """Fit and evaluate one run on its protocol's targets; returns its record (status ok or failed).
@@ -171,26 +196,9 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
     seed_everything(spec.seed)
     reset_peak_memory(device)
     size = backbone.image_size
-    if spec.shots > 0:
-        if spec.splits_dir:
-            manifest, sha = read_split_files(splits, Path(spec.splits_dir), spec.shots, spec.seed)
-            if sha != spec.splits_hash:  # the run's identity is the content it was planned with
-                raise DataError(
-                    f"The split files for {spec.dataset} {spec.shots}-shot seed {spec.seed} under {spec.splits_dir} changed "
-                    "after the sweep started. Run the command again to plan with their new content."
-                )
-        else:
-            manifest = manifest_for(splits, spec.shots, spec.seed, spec.sampler)
-        train_items, val_items = manifest.train, manifest.val
+    manifest, train_items, val_items, classnames = few_shot_subset(spec, splits, spec.seed)
+    if manifest is not None:
         record["config"] = {**spec.config, "manifest_hash": manifest.content_hash}
-    else:
-        train_items = val_items = []
-    classnames = clean(splits.classnames)
-    if protocol.train == "base":  # CoCoOp: the subset is drawn on all classes, then kept to the base ones
-        base, _ = base_new_labels([it.label for it in train_items] or range(len(classnames)))
-        train_items = restrict(train_items, base, splits.classnames)
-        val_items = restrict(val_items, base, splits.classnames)
-        classnames = [classnames[label] for label in base]
     train = ImageSet(splits.root, spec.dataset, train_items, size)
     val = ImageSet(splits.root, spec.dataset, val_items, size)
     task = Task(
@@ -206,6 +214,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         full_val=ImageSet(splits.root, spec.dataset, splits.val, size),
         start_steps=start_steps,
         feature_cache=feature_cache,
+        train_of_seed=lambda seed: ImageSet(splits.root, spec.dataset, few_shot_subset(spec, splits, seed)[1], size),
     )
     method = REGISTRY[spec.method](**spec.hparams)
     try:

@@ -138,6 +138,9 @@ class Task:
     full_val: ImageSet | None = None  # the dataset's whole val split (empty for ImageNet)
     start_steps: Callable[[int, str], Steps] = lambda total, desc: Steps()
     feature_cache: dict = field(default_factory=dict)
+    # The run's few-shot train set drawn with another seed (same dataset, shots, sampler, split files,
+    # protocol), for recipes that reuse another seed's training (PLOT++'s shared stage 1).
+    train_of_seed: Callable[[int], "ImageSet"] | None = None
 
     @property
     def device(self) -> torch.device:

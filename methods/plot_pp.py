@@ -36,6 +36,8 @@ in the demo suite.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -142,17 +144,29 @@ class PlotPP(Method):
 
     def fit(self, task: Task) -> None:
         hp = self.hp
-        self.build(task)
         self.logit_scale = float(task.backbone.model.logit_scale.exp())
         epochs = max(1, round(hp["epochs"] * hp["epoch_scale"]))
-        self.trade_off = True  # stage 1: vision prompts only, with the global term; the text side is fixed
-        with torch.no_grad():
-            text = self.text_features(task, self.tokens)
-        self.stage_lrs = [dassl_loop.train(task, [self.ctx_vision], hp, epochs, self.forward_backward(task, text), f"{self.name} stage 1")]
+        if hp["share_stage1"] and task.seed != 1:  # the released scripts: seed 1's stage 1, as seed 1's own run trains it
+            devices = [task.device] if task.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(1)
+                self.build(task)
+                self.stage_one(dataclasses.replace(task, train=task.train_of_seed(1)), epochs)
+        else:
+            self.build(task)
+            self.stage_one(task, epochs)
         self.trade_off = False  # stage 2: both, from stage 1
         self.stage_lrs.append(dassl_loop.train(task, [self.ctx, self.ctx_vision], hp, epochs, self.forward_backward(task), f"{self.name} stage 2"))
         with torch.no_grad():
             self.text_weights = self.text_features(task, self.tokens)
+
+    def stage_one(self, task: Task, epochs: int) -> None:
+        """The vision prompts alone, with the global term; the text side is fixed, so encoded once."""
+        self.trade_off = True
+        with torch.no_grad():
+            text = self.text_features(task, self.tokens)
+        self.stage_lrs = [dassl_loop.train(task, [self.ctx_vision], self.hp, epochs, self.forward_backward(task, text), f"{self.name} stage 1")]
+        self.stage1_vision = self.ctx_vision.detach().clone()
 
     def text_features(self, task: Task, tokens: list[PromptLearner]) -> torch.Tensor:
         """Normalised prompt features [N, C, E]."""

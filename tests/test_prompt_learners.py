@@ -193,3 +193,17 @@ def test_every_new_method_runs_base_to_new(demo_root, tmp_path):
         rows = con.execute("select r.method, e.target, e.top1 from runs r join evaluations e using (config_hash) order by 1, 2").fetchall()
     assert {(m, t) for m, t, _ in rows} == {(m, t) for m in NEW for t in ("base", "new")}
     assert all(top1 is not None and 0 <= top1 <= 100 for _, _, top1 in rows)  # all five are open-vocabulary
+
+
+def test_plot_pp_shared_stage1_is_seed_ones(tiny, demo_root):
+    """share_stage1: seed 2 starts stage 2 from the stage 1 that seed 1's own run trains."""
+    one, two = make_task(tiny, "demo_shapes", 2, seed=1), make_task(tiny, "demo_shapes", 2, seed=2)
+    two.train_of_seed = lambda seed: make_task(tiny, "demo_shapes", 2, seed=seed).train
+    runs = {}
+    for name, task, share in (("seed1", one, False), ("seed2", two, False), ("seed2_shared", two, True)):
+        torch.manual_seed(task.seed)
+        method = REGISTRY["plot_pp"](epochs=2, share_stage1=share)
+        method.fit(task)
+        runs[name] = method.stage1_vision
+    assert torch.equal(runs["seed2_shared"], runs["seed1"])
+    assert not torch.equal(runs["seed2"], runs["seed1"])  # independent seeds by default
