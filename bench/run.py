@@ -127,6 +127,7 @@ class Hooked:
     def __init__(self, task: Task, split: bool):
         import methods.base as mb
         import methods.coop as mc
+        import methods.dassl_loop as md
         import methods.tip_adapter as mt
 
         self.task, self.dev, self.stamps = task, task.device, []
@@ -136,7 +137,7 @@ class Hooked:
         self._post = register_optimizer_step_post_hook(self._opt_post)
         self.split = split
         if split:
-            for mod, attr, sec in ((mc, "random_resized_crops", "data"), (mt, "random_resized_crops", "data"),
+            for mod, attr, sec in ((md, "random_resized_crops", "data"), (mt, "random_resized_crops", "data"),
                                    (mb, "encode_text", "text"), (mc, "encode_token_embeddings", "text")):
                 self._patch(mod, attr, sec)
             model = task.backbone.model
