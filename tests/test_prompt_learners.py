@@ -161,6 +161,15 @@ def test_vit_b16_parameter_counts(vit_b16_task, name, count):
     assert built(name, vit_b16_task).trainable_parameters() == count
 
 
+def test_vit_l14_builds_with_its_own_widths(demo_root):
+    """ViT-L/14 (text 768, vision 1024), which the official MaPLe and PLOT++ code cannot build:
+    CoCoOp 77,616 (MORE_METHODS.md); MaPLe 9 x (2*768 + 768*1024 + 1024) = 7,100,928; PLOT++ 4*4*768 + 4*2*1024."""
+    model = build_architecture("ViT-L-14").eval().requires_grad_(False)
+    task = make_task(Backbone("ViT-L-14", model, 224, "random", torch.device("cpu")), "demo_shapes", 1)
+    counts = {name: built(name, task).trainable_parameters() for name in ("cocoop", "maple", "plot_pp")}
+    assert counts == {"cocoop": 77_616, "maple": 7_100_928, "plot_pp": 20_480}
+
+
 def test_sinkhorn_plan_has_the_right_marginals():
     torch.manual_seed(0)
     sim = torch.rand(6, 4, 3) * 2 - 1  # 6 (image, class) pairs, M = 4 image features, N = 3 prompts
