@@ -88,6 +88,10 @@ class ProGradPrompt(PromptLearner):
 class ProGrad(CoOp):
     name = "prograd"
     paper = "Zhu et al., Prompt-aligned Gradient for Prompt Tuning, ICCV 2023"
+    deviations = (
+        CoOp.deviations + "; the zero-shot teacher runs through the same frozen backbone at the run's precision "
+        "(official: a separate fp32 copy); ImageNet's 50 epochs inferred from CoOp's rule (no ProGrad few-shot ImageNet config)"
+    )
     defaults = {
         **{k: v for k, v in CoOp.defaults.items() if k not in ("ctx_init", "init_std")},
         "n_ctx": 16,
