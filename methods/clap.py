@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from methods.base import FiniteGuard, ImageSet, Method, Task, register
 from methods.coop import coop_lr
+from methods.dassl_loop import DASSL_SCHEMA
 from methods.feature_bank import augmented_views
 from methods.hparams import Param
 from methods.taskres import base_templates, raw_text_base
@@ -101,15 +102,9 @@ class CLAP(Method):
     }
     schema = {
         "constraint": Param(str, choices=("l2", "none")),
-        "lr": Param(float, gt=0),
-        "momentum": Param(float, ge=0, lt=1),
-        "weight_decay": Param(float, ge=0),
-        "batch_size": Param(int, ge=1),
         "epochs": Param(int, ge=1),
-        "warmup_epochs": Param(int, ge=0),
-        "warmup_lr": Param(float, ge=0),
         "augment_views": Param(int, ge=1),
-        "crop_scale": Param(list, item=float, length=2, gt=0, le=1),
+        **DASSL_SCHEMA,
     }
 
     def fit(self, task: Task) -> None:

@@ -27,14 +27,13 @@ selects the best epoch on a few-shot val set, which the official Dassl trainer d
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import FiniteGuard, ImageSet, Method, Task, register
-from methods.coop import coop_lr, epochs_for_shots
+from methods.base import ImageSet, Method, Task, register
+from methods.coop import epochs_for_shots
+from methods.dassl_loop import DASSL_SCHEMA, train_on_views
 from methods.feature_bank import augmented_views
 from methods.hparams import Param
 
@@ -88,15 +87,9 @@ class CLIPAdapter(Method):
     schema = {
         "ratio": Param(float, ge=0, le=1),
         "reduction": Param(int, ge=1),
-        "lr": Param(float, gt=0),
-        "momentum": Param(float, ge=0, lt=1),
-        "weight_decay": Param(float, ge=0),
-        "batch_size": Param(int, ge=1),
         "epochs": Param(int, ge=1, optional=True),
-        "warmup_epochs": Param(int, ge=0),
-        "warmup_lr": Param(float, ge=0),
         "augment_views": Param(int, ge=1),
-        "crop_scale": Param(list, item=float, length=2, gt=0, le=1),
+        **DASSL_SCHEMA,
     }
 
     def fit(self, task: Task) -> None:
@@ -106,25 +99,13 @@ class CLIPAdapter(Method):
         self.adapter = Adapter(task.backbone.embed_dim, hp["reduction"]).to(task.device)
         views = augmented_views(task, hp["augment_views"], tuple(hp["crop_scale"]))  # raw [V, N, D]
         labels = task.train.labels.to(task.device)
-        n, bs = len(labels), hp["batch_size"]
         self.epochs = hp["epochs"] or epochs_for_shots(task.shots)
         optimizer = torch.optim.SGD(self.adapter.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
-        guard, steps, step = FiniteGuard(), task.start_steps(self.epochs, "clip-adapter epochs"), 0
-        for epoch in range(1, self.epochs + 1):
-            for group in optimizer.param_groups:
-                group["lr"] = coop_lr(epoch, self.epochs, hp["lr"], hp["warmup_lr"], hp["warmup_epochs"])
-            feats = views[(epoch - 1) % len(views)]
-            order = torch.randperm(n, device=task.device)
-            for b in range(math.ceil(n / bs)):
-                idx = order[b * bs : (b + 1) * bs]
-                loss = F.cross_entropy(adapter_logits(self.adapter, feats[idx], self.text, hp["ratio"]), labels[idx])
-                guard.update(loss, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-            steps.advance()
-        guard.close()
+
+        def loss_fn(feats, y):
+            return F.cross_entropy(adapter_logits(self.adapter, feats, self.text, hp["ratio"]), y)
+
+        train_on_views(task, optimizer, views, labels, self.epochs, hp, loss_fn, "clip-adapter", drop_last=False)
         self.adapter.eval().requires_grad_(False)
 
     @torch.no_grad()

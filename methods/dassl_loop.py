@@ -73,6 +73,32 @@ def train(task: Task, params: list[torch.Tensor], hp: dict, epochs: int, forward
     return epoch_lrs
 
 
+def train_on_views(task: Task, optimizer: torch.optim.Optimizer, views: torch.Tensor, labels: torch.Tensor, epochs: int,
+                   hp: dict, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], desc: str, drop_last: bool = True) -> None:
+    """The same schedule on cached features instead of fresh crops (CLIP-Adapter, TaskRes): epoch e
+    uses view (e - 1) mod V of every image (views [V, N, D], labels [N]), shuffled into batches of
+    `batch_size` (Dassl's drop rule, or every partial batch kept with drop_last=False);
+    loss_fn(features, labels) -> loss. `hp` holds lr, warmup_epochs, warmup_lr and batch_size."""
+    n, bs = views.shape[1], hp["batch_size"]
+    per_epoch = batches_per_epoch(n, bs) if drop_last else math.ceil(n / bs)
+    guard, steps, step = FiniteGuard(), task.start_steps(epochs, f"{desc} epochs"), 0
+    for epoch in range(1, epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = coop_lr(epoch, epochs, hp["lr"], hp["warmup_lr"], hp["warmup_epochs"])
+        feats = views[(epoch - 1) % len(views)]
+        order = torch.randperm(n, device=views.device)
+        for b in range(per_epoch):
+            idx = order[b * bs : (b + 1) * bs]
+            loss = loss_fn(feats[idx], labels[idx])
+            guard.update(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        steps.advance()
+    guard.close()
+
+
 DASSL_DEFAULTS = {
     "lr": 0.002,
     "momentum": 0.9,

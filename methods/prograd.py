@@ -106,10 +106,6 @@ class ProGrad(CoOp):
         "count_init_tokens": Param(bool),
     }
 
-    @classmethod
-    def config_error(cls, hp: dict, card) -> str | None:
-        return None
-
     def template(self, task: Task) -> str:
         return TEMPLATES.get(task.card.name, task.card.template)
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.backbones import encode_text
-from methods.base import FiniteGuard, ImageSet, Method, Task, register
-from methods.coop import coop_lr
+from methods.base import ImageSet, Method, Task, register
+from methods.dassl_loop import train_on_views
 from methods.feature_bank import augmented_views
 from methods.hparams import Param
 
@@ -56,14 +56,6 @@ def raw_text_base(task: Task, templates, classnames: list[str] | None = None) ->
 def epochs_for_shots(shots: int) -> int:
     """train_regular.sh: 100 epochs for 1, 2 and 4 shots, 200 for 8 and 16."""
     return 100 if shots <= 4 else 200
-
-
-def batches(n: int, batch_size: int, device) -> list[torch.Tensor]:
-    """One shuffled epoch as Dassl's train loader draws it: the last partial batch dropped once n >= batch_size."""
-    order = torch.randperm(n, device=device)
-    if n < batch_size:
-        return [order]
-    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
 def residual_logits(features: torch.Tensor, base: torch.Tensor, residual: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -113,20 +105,11 @@ class TaskRes(Method):
         self.residual.requires_grad_(True)
         optimizer = torch.optim.Adam([self.residual], lr=hp["lr"], weight_decay=hp["weight_decay"])
         self.epochs = hp["epochs"] or epochs_for_shots(task.shots)
-        guard, steps, step = FiniteGuard(), task.start_steps(self.epochs, "taskres epochs"), 0
-        for epoch in range(1, self.epochs + 1):
-            for group in optimizer.param_groups:
-                group["lr"] = coop_lr(epoch, self.epochs, hp["lr"], hp["warmup_lr"], hp["warmup_epochs"])
-            feats = views[(epoch - 1) % len(views)]
-            for idx in batches(len(labels), hp["batch_size"], task.device):
-                loss = F.cross_entropy(residual_logits(feats[idx], self.base, self.residual, hp["alpha"]), labels[idx])
-                guard.update(loss, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-            steps.advance()
-        guard.close()
+
+        def loss_fn(feats, y):
+            return F.cross_entropy(residual_logits(feats, self.base, self.residual, hp["alpha"]), y)
+
+        train_on_views(task, optimizer, views, labels, self.epochs, hp, loss_fn, "taskres")
         self.residual = self.residual.detach()
 
     @torch.no_grad()
