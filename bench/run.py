@@ -31,7 +31,7 @@ from bench.synthetic import classnames, make_task, random_backbone, write_jpegs
 from bench.timing import Sections, peak_mb, reset_peak, sync, timed
 from bench.utilisation import peak_tflops, vision_utilisation
 from methods import REGISTRY
-from methods.base import Task
+from methods.base import ImageSet, Task
 
 SPLIT = ("data", "text", "image", "backward", "optimizer")
 LORA_METHODS = ("clip_lora", "block_lora")
@@ -51,7 +51,7 @@ def n_test_for(classes: int) -> int:
 # CLIP-LoRA / Block-LoRA: the method's own training step (methods/clip_lora.py), timed step-wise.
 
 
-def bench_lora(name: str, task: Task, cfg: dict, hp: dict | None = None) -> dict:
+def bench_lora(name: str, task: Task, test: ImageSet, cfg: dict, hp: dict | None = None) -> dict:
     dev = task.device
     reset_peak(dev)
     method = REGISTRY[name](**(hp or {}))
@@ -66,11 +66,11 @@ def bench_lora(name: str, task: Task, cfg: dict, hp: dict | None = None) -> dict
             method.train_step(task, state, s, section=sections)
     peak = peak_mb(dev)
     method.finish_training(state)
-    eval_s, _ = timed(dev, method.predict, task, task.test)
+    eval_s, _ = timed(dev, method.predict, task, test)
     bs = int(method.hp["batch_size"])
     return {
         "setup_s": setup_s, "step_s": step_s, "steps_per_s": 1 / step_s, "train_images_per_s": bs / step_s,
-        "eval_images_per_s": len(task.test) / eval_s, "peak_mb": peak,
+        "eval_images_per_s": len(test) / eval_s, "peak_mb": peak,
         "split": {k: sections.totals[k] / sections.totals["total"] for k in SPLIT},
         "setup_per_image_s": setup_s / len(task.train), "trainable": method.trainable_parameters(),
     }
@@ -85,7 +85,7 @@ def project_lora(r: dict, classes: int, shots: int = 16, steps_per_shot: int = 5
 # The reference-style loop (bench/reference.py) on the same task.
 
 
-def bench_reference(task: Task, root: Path, cfg: dict, workers: int) -> dict:
+def bench_reference(task: Task, test: ImageSet, root: Path, cfg: dict, workers: int) -> dict:
     dev = task.device
     reset_peak(dev)
     hp = REGISTRY["clip_lora"].defaults
@@ -102,11 +102,11 @@ def bench_reference(task: Task, root: Path, cfg: dict, workers: int) -> dict:
         with sections("total"):
             loop.step(section=sections)
     peak = peak_mb(dev)
-    eval_s, _ = timed(dev, loop.evaluate, task.test.items)
+    eval_s, _ = timed(dev, loop.evaluate, test.items)
     bs = int(hp["batch_size"])
     return {
         "setup_s": setup_s, "step_s": step_s, "steps_per_s": 1 / step_s, "train_images_per_s": bs / step_s,
-        "eval_images_per_s": len(task.test) / eval_s, "peak_mb": peak,
+        "eval_images_per_s": len(test) / eval_s, "peak_mb": peak,
         "split": {k: sections.totals[k] / sections.totals["total"] for k in SPLIT},
         "precision": loop.precision, "dataloader_workers": workers,
     }
@@ -193,7 +193,7 @@ def fresh_features(task: Task) -> None:
     shutil.rmtree(cache_dir() / "features", ignore_errors=True)
 
 
-def bench_fit(name: str, task: Task) -> dict:
+def bench_fit(name: str, task: Task, test: ImageSet) -> dict:
     dev = task.device
     out = {}
     for split in (False, True):
@@ -220,8 +220,8 @@ def bench_fit(name: str, task: Task) -> dict:
             hooks.close()
         if not split:
             fresh_features(task)
-            eval_s, _ = timed(dev, method.predict, task, task.test)
-            out["eval_images_per_s"] = len(task.test) / eval_s
+            eval_s, _ = timed(dev, method.predict, task, test)
+            out["eval_images_per_s"] = len(test) / eval_s
     return out
 
 
@@ -262,20 +262,20 @@ def run_benchmark(args, console: Console) -> dict:
                 items = write_jpegs(root, args.pool, classes, img_size)
                 names = classnames(classes)
                 test_items = (items * math.ceil(args.test_images / len(items)))[: args.test_images]
-                task = make_task(backbone, names, root, items, test_items, precision)
-                task.test.eval_pixels()  # the harness evaluates cached pixels; decoding them is a one-off per dataset
+                task, test = make_task(backbone, names, root, items, test_items, precision)
+                test.eval_pixels()  # the harness evaluates cached pixels; decoding them is a one-off per dataset
                 for m in args.methods:
                     console.print(f"[dim]{bb_name} {classes} classes: {m}[/dim]")
                     if m in LORA_METHODS:
-                        r = bench_lora(m, task, vars(args))
+                        r = bench_lora(m, task, test, vars(args))
                         r["projected_run_s"] = project_lora(r, classes)
                     else:
-                        r = bench_fit(m, task)
+                        r = bench_fit(m, task, test)
                         r["projected_run_s"] = project_fit(m, r, len(items), classes)
                     results["runs"].append({"backbone": bb_name, "classes": classes, "loop": "harness", "method": m, **r})
                 if args.reference:
                     console.print(f"[dim]{bb_name} {classes} classes: reference-style CLIP-LoRA loop[/dim]")
-                    r = bench_reference(task, root, vars(args), args.ref_workers)
+                    r = bench_reference(task, test, root, vars(args), args.ref_workers)
                     r["projected_run_s"] = project_reference(r, classes)
                     results["runs"].append({"backbone": bb_name, "classes": classes, "loop": "reference", "method": "clip_lora", **r})
                     h = next((x for x in results["runs"] if x["backbone"] == bb_name and x["classes"] == classes

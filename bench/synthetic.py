@@ -61,9 +61,11 @@ def random_backbone(name: str, device: torch.device) -> Backbone:
     return Backbone(name, model, size[0] if isinstance(size, tuple) else size, f"{name}-random:bench", device)
 
 
-def make_task(backbone: Backbone, names: list[str], root: Path, train: list[Item], test: list[Item], precision: str, shots: int = 16) -> Task:
+def make_task(backbone: Backbone, names: list[str], root: Path, train: list[Item], test: list[Item], precision: str,
+              shots: int = 16) -> tuple[Task, ImageSet]:
+    """The task (what fit sees) and the test images (what predict gets)."""
     size = backbone.image_size
-    return Task(
+    task = Task(
         card=get_card("imagenet"),  # its template(s) and Tip-Adapter settings; the classes are the synthetic ones
         classnames=names,
         shots=shots,
@@ -72,5 +74,5 @@ def make_task(backbone: Backbone, names: list[str], root: Path, train: list[Item
         precision=precision,
         train=ImageSet(root, "bench", train, size),
         val=ImageSet(root, "bench", train[: max(1, len(train) // 4)], size),
-        test=ImageSet(root, "bench", test, size),
     )
+    return task, ImageSet(root, "bench", test, size)

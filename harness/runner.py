@@ -8,6 +8,7 @@ a method that crashes or diverges is stored as `failed` and the sweep goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import random
 import resource
@@ -168,9 +169,10 @@ def few_shot_subset(spec: RunSpec, splits: DatasetSplits, seed: int) -> tuple[Ma
 
 
 def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: ImageSet, feature_cache: dict, start_steps,
-            datasets: dict[str, DatasetSplits] | None = None) -> dict:
+            datasets: dict[str, DatasetSplits] | None = None, eval_cache: dict | None = None) -> dict:
     """Fit and evaluate one run on its protocol's targets; returns its record (status ok or failed).
-    `datasets` holds the target datasets of cross-dataset and domain-shift runs."""
+    `datasets` holds the target datasets of cross-dataset and domain-shift runs. The method is fitted
+    on a Task without test images or their cached features (`eval_cache` is attached after fit)."""
     protocol = get_protocol(spec.protocol)
     device = backbone.device.type
     record = {
@@ -201,6 +203,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         record["config"] = {**spec.config, "manifest_hash": manifest.content_hash}
     train = ImageSet(splits.root, spec.dataset, train_items, size)
     val = ImageSet(splits.root, spec.dataset, val_items, size)
+    learnable = dataclasses.replace(splits, test=[])  # what a recipe may draw other seeds' subsets from
     task = Task(
         card=splits.card,
         classnames=classnames,
@@ -210,17 +213,20 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         precision=spec.precision,
         train=train,
         val=val,
-        test=test,
         full_val=ImageSet(splits.root, spec.dataset, splits.val, size),
         start_steps=start_steps,
         feature_cache=feature_cache,
-        train_of_seed=lambda seed: ImageSet(splits.root, spec.dataset, few_shot_subset(spec, splits, seed)[1], size),
+        train_of_seed=lambda seed: ImageSet(splits.root, spec.dataset, few_shot_subset(spec, learnable, seed)[1], size),
     )
-    method = REGISTRY[spec.method](**spec.hparams)
+    cls = REGISTRY[spec.method]
+    record["config"] = {**record["config"], "source": cls.source}
+    method = cls(**spec.hparams)
     try:
         t0 = time.perf_counter()
         method.fit(task)
         t1 = time.perf_counter()
+        record["config"]["selection"] = method.selection()
+        task.eval_cache = {} if eval_cache is None else eval_cache
         targets = protocol.targets_for(spec.dataset, spec.suite)
         evaluations = evaluate(method, task, targets, splits, datasets or {}, test)
         t2 = time.perf_counter()
@@ -281,6 +287,7 @@ def run_sweep(
     backbone: Backbone | None = None
     test: ImageSet | None = None  # the current dataset's test split; runs are grouped by backbone, then dataset
     feature_cache: dict = {}
+    eval_cache: dict = {}  # features of evaluation images, out of fit's reach (Task.eval_cache)
     with progress:
         overall = progress.add_task("runs", total=len(todo))
         for i, spec in enumerate(todo, 1):
@@ -291,7 +298,8 @@ def run_sweep(
             splits = datasets[spec.dataset]
             if test is None or test.dataset != spec.dataset:
                 feature_cache.clear()
-                test = ImageSet(splits.root, spec.dataset, splits.test, backbone.image_size)
+                eval_cache.clear()
+                test = ImageSet(splits.root, spec.dataset, splits.test, backbone.image_size, evaluation=True)
             progress.update(overall, description=f"run {i}/{len(todo)} {spec.label}")
             inner = None
 
@@ -303,7 +311,7 @@ def run_sweep(
                 return Steps(lambda n, t=inner: progress.advance(t, n))
 
             marker = mark_running(running_dir, spec.config_hash, spec.label) if running_dir else None
-            record = run_one(spec, backbone, splits, test, feature_cache, start_steps, datasets)
+            record = run_one(spec, backbone, splits, test, feature_cache, start_steps, datasets, eval_cache)
             if inner is not None:
                 progress.remove_task(inner)
             store(record)

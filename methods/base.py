@@ -1,10 +1,17 @@
 """The one interface every method implements, and the run-time context (`Task`) it receives.
 
-A method is a class with a name, its paper, its known deviations from the official code, and a
-dict of hyper-parameter defaults (the official recipe). The runner builds it with the resolved
-hyper-parameters, calls `fit(task)` on the few-shot data, then `predict(task, images, classnames)`
-for logits on each evaluation target (the test split; under the generalisation protocols also new
-classes or other datasets), and asks `trainable_parameters()` for the record.
+A method is a class with a name, its paper, the official code it follows (`source`), its known
+deviations from that code, and a dict of hyper-parameter defaults (the official recipe). The runner
+builds it with the resolved hyper-parameters, calls `fit(task)` on the few-shot data, then
+`predict(task, images, classnames)` for logits on each evaluation target (the test split; under the
+generalisation protocols also new classes or other datasets), and asks `trainable_parameters()` and
+`selection()` for the record.
+
+No method sees the test set while it learns: a `Task` holds the few-shot train and val subsets and
+the dataset's full val split, never test images or labels; evaluation images reach a method only as
+the `images` of `predict`, and their cached features live in `Task.eval_cache`, which the runner
+attaches only after `fit` returns. (A method is code and could read files on its own; the interface
+never hands it evaluation data.)
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ def register(cls: type["Method"]) -> type["Method"]:
 class Method:
     name: ClassVar[str]
     paper: ClassVar[str]
+    # The official code this file follows, as repository@commit (and Dassl's commit where it matters),
+    # or "none (...)" with why; shown by `harness list methods`, stored with each run, in the report.
+    source: ClassVar[str] = "unknown"
     deviations: ClassVar[str] = "none"
     defaults: ClassVar[dict] = {}
     schema: ClassVar[dict[str, Param]] = {}  # type and valid range of each default (methods/hparams.py)
@@ -65,6 +75,12 @@ class Method:
     def trainable_parameters(self) -> int:
         return 0
 
+    def selection(self) -> str:
+        """How this run's hyper-parameters were chosen, asked after `fit`: "fixed recipe", or a search
+        on the few-shot val subset or the full val split with its size (e.g. "few-shot val search:
+        4000 (alpha, beta) pairs on 12 images"). Never the test set."""
+        return "fixed recipe"
+
     @classmethod
     def resolve(cls, hp: dict) -> dict:
         """The validated hyper-parameters with file references replaced by their content, so a run
@@ -79,12 +95,15 @@ class Method:
 
 @dataclass
 class ImageSet:
-    """A list of images of one dataset: labels, evaluation pixels (cached), originals (for augmentation)."""
+    """A list of images of one dataset: labels, evaluation pixels (cached), originals (for augmentation).
+    `evaluation`: an evaluation target's images (the runner's test sets), whose features are cached
+    in `Task.eval_cache`, out of `fit`'s reach."""
 
     root: Path
     dataset: str
     items: list[Item]
     size: int
+    evaluation: bool = False
     _pixels: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -134,13 +153,23 @@ class Task:
     precision: str  # fp32 | bf16 | fp16 (autocast dtype on CUDA)
     train: ImageSet
     val: ImageSet  # the few-shot val subset
-    test: ImageSet
     full_val: ImageSet | None = None  # the dataset's whole val split (empty for ImageNet)
     start_steps: Callable[[int, str], Steps] = lambda total, desc: Steps()
-    feature_cache: dict = field(default_factory=dict)
+    feature_cache: dict = field(default_factory=dict)  # train-side features and views, shared by the sweep's runs
+    # Features of evaluation images (shared by the sweep's runs); None while the method is fitted.
+    eval_cache: dict | None = None
     # The run's few-shot train set drawn with another seed (same dataset, shots, sampler, split files,
     # protocol), for recipes that reuse another seed's training (PLOT++'s shared stage 1).
     train_of_seed: Callable[[int], "ImageSet"] | None = None
+
+    def __getattr__(self, name: str):
+        """Only for attributes a Task does not have: `task.test` gets a message instead of a bare name."""
+        if name == "test":
+            raise AttributeError(
+                "a Task has no test set: fit() never sees evaluation images or labels; the runner hands them only to "
+                "predict(task, images)"
+            )
+        raise AttributeError(f"'Task' object has no attribute '{name}'")
 
     @property
     def device(self) -> torch.device:
@@ -184,12 +213,18 @@ class Task:
 
     @torch.no_grad()
     def frozen_features(self, images: ImageSet) -> torch.Tensor:
-        """L2-normalised features of the frozen backbone on the evaluation view (cached per sweep)."""
+        """L2-normalised features of the frozen backbone on the evaluation view (cached per sweep;
+        an evaluation target's in `eval_cache`, which exists only once fit has returned)."""
+        cache = self.feature_cache
+        if images.evaluation:
+            if self.eval_cache is None:
+                raise RuntimeError("evaluation images reached a Task during fit(); only predict() may see them")
+            cache = self.eval_cache
         name = f"{images.dataset}/{digest(self.backbone.name, self.backbone.weights, self.precision)}_{images.key}"
-        if name not in self.feature_cache:
+        if name not in cache:
             feats = cached_tensor("features", name, lambda: self.encode_images(self.backbone.model, images.eval_pixels()))
-            self.feature_cache[name] = F.normalize(feats.to(self.device), dim=-1)
-        return self.feature_cache[name]
+            cache[name] = F.normalize(feats.to(self.device), dim=-1)
+        return cache[name]
 
     @torch.no_grad()
     def text_classifier(self, templates: tuple[str, ...] | list[str], model=None, classnames: list[str] | None = None) -> torch.Tensor:

@@ -26,9 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from methods.base import FiniteGuard, ImageSet, Method, Task, register
-from methods.coop import coop_lr
-from methods.dassl_loop import DASSL_SCHEMA
+from methods.base import ImageSet, Method, Task, register
+from methods.dassl_loop import DASSL_SCHEMA, train_on_pool
 from methods.feature_bank import augmented_views
 from methods.hparams import Param
 from methods.taskres import base_templates, raw_text_base
@@ -60,26 +59,11 @@ def train_prototypes(bank: torch.Tensor, labels: torch.Tensor, base: torch.Tenso
     """SGD on prototypes initialised to `base` over the feature bank [M, D] (labels [M]); returns W."""
     prototypes = base.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([prototypes], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
-    bs, epochs = hp["batch_size"], hp["epochs"]
-    iters = max(1, n_images // bs)  # len() of Dassl's image loader: the epoch takes about N samples
-    guard, step = FiniteGuard(), 0
-    for epoch in range(1, epochs + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = coop_lr(epoch, epochs, hp["lr"], hp["warmup_lr"], hp["warmup_epochs"])
-        order = torch.randperm(len(labels), device=bank.device)
-        for b in range(iters):
-            idx = order[b * bs : (b + 1) * bs]
-            if len(idx) == 0:
-                break
-            loss = clap_loss(bank[idx], labels[idx], prototypes, base, lam)
-            guard.update(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-        if steps is not None:
-            steps.advance()
-    guard.close()
+
+    def loss_fn(feats, y):
+        return clap_loss(feats, y, prototypes, base, lam)
+
+    train_on_pool(optimizer, bank, labels, n_images, hp["epochs"], hp, loss_fn, steps)
     return prototypes.detach()
 
 

@@ -1,28 +1,45 @@
 """CLIP-Adapter: Gao et al., "CLIP-Adapter: Better Vision-Language Models with Feature Adapters",
-IJCV 2023 (arXiv 2110.04544); the model follows the official gaopengcuhk/CLIP-Adapter `clip_adapter.py`.
+IJCV 2023 (arXiv 2110.04544). The model is the official gaopengcuhk/CLIP-Adapter@08d07f8
+`clip_adapter.py`; the training recipe is the one CLAP's code runs for its CLIP-Adapter baseline
+(jusiro/CLAP@dbdf409, `ClipA`), because the authors released no recipe of their own.
 
-Model (official file):
+Model (official `clip_adapter.py`:97, :104; CLAP `trainers/adapters.py`:183-191, :372-389):
 - adapter A = Linear(D -> D/4, no bias) -> ReLU -> Linear(D/4 -> D, no bias) -> ReLU on the image
-  feature (D = the backbone's embedding dim; the official file hard-codes RN50's 1024);
-- f' = ratio * A(f) + (1 - ratio) * f on the RAW (unnormalised) image feature, ratio 0.2 (hard-coded
-  there), then f' and the text weights are L2-normalised, logits = 100 f' t^T;
-- t: the zero-shot classifier of the dataset's single CoOp template (the card's `template`), fp32.
-  A has no bias and ends in ReLU, so A(c f) = c A(f) for c > 0: blending the raw feature and then
-  normalising gives the same logits as blending the normalised feature (the test images use the
-  harness's cached normalised features; training uses the raw cached views);
-- the text side is the frozen prompt classifier, so any class names can be scored (open vocabulary).
+  feature (D from the text features, as CLAP; the official file hard-codes RN50's 1024);
+- f' = ratio * A(f) + (1 - ratio) * f on the RAW image feature, ratio 0.2 (`init_clipA` default,
+  adapters.py:183; the official file's :104), then f' and the text weights are L2-normalised,
+  logits = 100 f' t^T (CLIP's logit scale; adapters.py:386);
+- t: per class the mean of the UNnormalised text features over the templates (adapters.py:112-127:
+  ImageNet the 7 select templates + "a photo of a {}.", else the dataset's single CoOp template),
+  the base that TaskRes and CLAP share. A has no bias and ends in ReLU, so A(c f) = c A(f) for
+  c > 0: the test images' cached normalised features give the same logits as raw ones;
+- the text side is frozen, so any class names can be scored (open vocabulary).
 
-Training recipe: the authors never released it (no config, no script; the official trainer takes
-optimizer and epochs from an unpublished Dassl yaml). The default is the re-implementation in the LP++
-repo (FereshteShakeri/FewShot-CLIP-Strong-Baseline `methods/clip_adapter.py`, `configs/base.yaml`):
-plain SGD lr 0.01 (no momentum, no weight decay), batch 32 (last partial batch kept), 1 warm-up
-epoch at 1e-5 then cosine, per epoch (as Dassl steps it; the LP++ file steps its scheduler per batch
-with T_max = epochs, which we take for a bug), epochs by shots 50 / 100 / 100 / 200 / 200 (the shot
-table commented in that file, CoOp's). Chosen over CLAP's re-implementation because CLAP picks its
-lr and ratio on the test set. Train features: `augment_views` (20) cached augmented views of each
-image (RandomResizedCrop scale 0.08-1 + flip, Dassl's transform as the official trainer gets it),
-epoch e uses view (e - 1) mod 20 (official: a fresh crop every epoch). The LAST epoch is kept: LP++
-selects the best epoch on a few-shot val set, which the official Dassl trainer does not do.
+Why this recipe: the official repository holds only the model file (README:14-16: "complete codes
+will be released soon"; its trainer takes optimizer and epochs from a Dassl yaml that was never
+published). LP++'s re-implementation (FereshteShakeri/FewShot-CLIP-Strong-Baseline@f81054f) cannot
+run as shipped: its live `configs/base.yaml` values (lr 0.001, batch 256, 300 epochs) differ from
+the ones in its comments, its epoch table sits in a string literal, its cosine is stepped per batch,
+D is fixed at 1024 (no ViT-B/16), and after training it loads a checkpoint it never writes. CLAP's
+shipped script (`experiments/experiment_baselines.txt`:3, `SGD_lr1e-1_B256_ep300 ... ClipA`) is
+complete, and selects nothing on the test set: test accuracy is only logged (adapters.py:712-717);
+only its `grid_search` mode, which no shipped script uses, picks lr and ratio on test.
+
+Recipe (CLAP@dbdf409, `configs/trainers/SGD_lr1e-1_B256_ep300.yaml` = yaml, Dassl@c61a1b5 defaults):
+- SGD lr 0.1 (yaml:16-17), momentum 0.9 (Dassl `defaults.py`:154, not overridden), weight decay 0
+  (yaml:23); 300 epochs (yaml:18), batch 256 (yaml:3); 1 constant warm-up epoch at 1e-5 then cosine
+  with T_max 300 (yaml:19-22), stepped per epoch (adapters.py:720-721); last epoch (no val); fp32
+  training (adapters.py:520);
+- features: 20 augmented passes over the few-shot images (adapters.py:142-143, :537-538), crops
+  RandomResizedCrop (0.08, 1) bicubic + flip (yaml:10, :13; Dassl `defaults.py`:40), encoded once and
+  pooled into one bank of 20N; each epoch shuffles the bank and takes as many batches of 256 as
+  Dassl's loader over the N images holds (adapters.py:431, :445-455), `dassl_loop.train_on_pool`.
+
+Deviations: the 20 views are the harness's shared bank (`feature_bank.augmented_views`: its own crop
+stream, shared with TaskRes and CLAP); frozen features and text base in the run's precision (CLAP
+computes them with the fp16 CLIP, adapters.py:520 casts only afterwards); class names with
+underscores replaced by spaces. Whether the CLIP-LoRA paper's CLIP-Adapter row came from this
+recipe is unknown (its repository names no source).
 """
 
 from __future__ import annotations
@@ -32,10 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import ImageSet, Method, Task, register
-from methods.coop import epochs_for_shots
-from methods.dassl_loop import DASSL_SCHEMA, train_on_views
+from methods.dassl_loop import DASSL_SCHEMA, train_on_pool
 from methods.feature_bank import augmented_views
 from methods.hparams import Param
+from methods.taskres import base_templates, raw_text_base
 
 
 class Adapter(nn.Module):
@@ -66,19 +83,20 @@ class CLIPAdapter(Method):
     name = "clip_adapter"
     paper = "Gao et al., CLIP-Adapter: Better Vision-Language Models with Feature Adapters, IJCV 2023"
     deviations = (
-        "training recipe is not the authors' (never released): LP++'s re-implementation (SGD lr 0.01, no momentum or "
-        "weight decay, batch 32, warm-up + cosine per epoch, CoOp's epochs by shots), last epoch instead of LP++'s "
-        "best val epoch; frozen features of 20 cached augmented views (official: a fresh crop each epoch)"
+        "training recipe is CLAP's CLIP-Adapter baseline (the authors released none): SGD lr 0.1, momentum 0.9, no "
+        "weight decay, batch 256, 300 epochs over a pooled bank of 20 augmented views, last epoch; the views are the "
+        "harness's shared bank; frozen features and text base in the run's precision (CLAP: fp16 CLIP); class names "
+        "with underscores replaced by spaces"
     )
     open_vocabulary = True  # the adapter is on the image side; classes come from the prompt classifier
     defaults = {
         "ratio": 0.2,
         "reduction": 4,
-        "lr": 0.01,
-        "momentum": 0.0,
+        "lr": 0.1,
+        "momentum": 0.9,
         "weight_decay": 0.0,
-        "batch_size": 32,
-        "epochs": None,  # None: by shots (50 / 100 / 100 / 200 / 200)
+        "batch_size": 256,
+        "epochs": 300,
         "warmup_epochs": 1,
         "warmup_lr": 1e-5,
         "augment_views": 20,
@@ -87,30 +105,29 @@ class CLIPAdapter(Method):
     schema = {
         "ratio": Param(float, ge=0, le=1),
         "reduction": Param(int, ge=1),
-        "epochs": Param(int, ge=1, optional=True),
+        "epochs": Param(int, ge=1),
         "augment_views": Param(int, ge=1),
         **DASSL_SCHEMA,
     }
 
     def fit(self, task: Task) -> None:
         hp = self.hp
-        self.template = task.card.template
-        self.text = task.text_classifier((self.template,))  # [C, D], normalised
+        self.text = raw_text_base(task, base_templates(task))  # [C, D], unnormalised
         self.adapter = Adapter(task.backbone.embed_dim, hp["reduction"]).to(task.device)
         views = augmented_views(task, hp["augment_views"], tuple(hp["crop_scale"]))  # raw [V, N, D]
-        labels = task.train.labels.to(task.device)
-        self.epochs = hp["epochs"] or epochs_for_shots(task.shots)
+        pool = views.reshape(-1, views.shape[-1])
+        labels = task.train.labels.to(task.device).repeat(len(views))
         optimizer = torch.optim.SGD(self.adapter.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
 
         def loss_fn(feats, y):
             return F.cross_entropy(adapter_logits(self.adapter, feats, self.text, hp["ratio"]), y)
 
-        train_on_views(task, optimizer, views, labels, self.epochs, hp, loss_fn, "clip-adapter", drop_last=False)
+        train_on_pool(optimizer, pool, labels, views.shape[1], hp["epochs"], hp, loss_fn, task.start_steps(hp["epochs"], "clip-adapter epochs"))
         self.adapter.eval().requires_grad_(False)
 
     @torch.no_grad()
     def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:
-        text = self.text if classnames is None else task.text_classifier((self.template,), classnames=classnames)
+        text = self.text if classnames is None else raw_text_base(task, base_templates(task), classnames)
         return adapter_logits(self.adapter, task.frozen_features(images), text, self.hp["ratio"])
 
     def trainable_parameters(self) -> int:

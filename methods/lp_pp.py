@@ -138,6 +138,12 @@ class LPPP(Method):
             kept = (classifier.weight.detach(), classifier.bias.detach(), alpha.detach())
         self.weight, self.bias, self.alpha = kept
         self.val_accuracy = 100 * best if use_val else None
+        self.val_images = len(task.val) if use_val else 0
+
+    def selection(self) -> str:
+        if not getattr(self, "val_images", 0):
+            return "fixed recipe (last iteration)"
+        return f"few-shot val search: best of {self.hp['iterations']} iterations on {self.val_images} images"
 
     @torch.no_grad()
     def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:

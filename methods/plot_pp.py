@@ -14,8 +14,8 @@ Vision-Language Models", ICLR 2023. Follows CHENGY12/PLOT, folder `plot-pp/` (`t
 - optimal transport per (image, class) between the M image features and the N prompt features:
   cost 1 - cos, Sinkhorn with epsilon 0.1, uniform marginals 1/M and 1/N, at most 100 iterations,
   stopped when the mean |delta r| < 0.01, the plan computed without gradient; logit = 100 sum(T * cos);
-  with `trade_off` the global term 100 cos(mean of the M features, mean of the N prompt features)
-  is added;
+  with `trade_off` the global term 100 cos(mean of the M raw image features, mean of the N raw
+  prompt features) is added (means of unnormalised features, then normalised, as the official code);
 - two stages, each SGD lr 0.002, momentum 0.9, weight decay 5e-4, batch 32, 50 epochs (every shot
   count and dataset), epoch 1 constant 1e-5 then cosine per epoch: stage 1 trains the vision
   prompts only with trade_off; stage 2 trains both from stage 1's result without it; the last
@@ -141,10 +141,10 @@ class PlotPP(Method):
         self.ctx_vision = torch.empty(hp["n_vision_sets"], hp["n_ctx_vision"], vision_width, device=task.device)
         self.ctx_vision = self.ctx_vision.normal_(std=0.02).requires_grad_(True)
         self.tokens = self.prompt_tokens(task)
+        self.logit_scale = float(model.logit_scale.exp())
 
     def fit(self, task: Task) -> None:
         hp = self.hp
-        self.logit_scale = float(task.backbone.model.logit_scale.exp())
         epochs = max(1, round(hp["epochs"] * hp["epoch_scale"]))
         if hp["share_stage1"] and task.seed != 1:  # the released scripts: seed 1's stage 1, as seed 1's own run trains it
             devices = [task.device] if task.device.type == "cuda" else []
@@ -169,12 +169,12 @@ class PlotPP(Method):
         self.stage1_vision = self.ctx_vision.detach().clone()
 
     def text_features(self, task: Task, tokens: list[PromptLearner]) -> torch.Tensor:
-        """Normalised prompt features [N, C, E]."""
+        """Unnormalised prompt features [N, C, E] (the global term averages them raw)."""
         out = []
         for ctx, t in zip(self.ctx, tokens):
             emb = torch.cat([t.prefix, ctx.unsqueeze(0).expand(t.prefix.shape[0], -1, -1), t.suffix], dim=1)
             with task.autocast():
-                out.append(F.normalize(text_tower(task.backbone.model, emb, t.eot_index).float(), dim=-1))
+                out.append(text_tower(task.backbone.model, emb, t.eot_index).float())
         return torch.stack(out)
 
     def image_features(self, task: Task, pixels: torch.Tensor) -> torch.Tensor:
@@ -183,11 +183,15 @@ class PlotPP(Method):
             return vision_tower(task.backbone.model, normalize(pixels, task.device), self.ctx_vision).float()
 
     def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        scores = ot_scores(F.normalize(image, dim=-1), text, self.hp["eps"])
+        """OT logits (plus the global term in stage 1) for raw image features [M, B, E] and raw prompt
+        features [N, C, E]. Official `plotpp.py` (CHENGY12/PLOT@728539f, lines 222 and 227-238): both
+        global means are taken over the RAW features and normalised afterwards; OT uses each
+        normalised feature."""
+        scores = ot_scores(F.normalize(image, dim=-1), F.normalize(text, dim=-1), self.hp["eps"])
         logits = self.logit_scale * scores
         if self.trade_off:
             pooled_image = F.normalize(image.mean(0), dim=-1)
-            pooled_text = F.normalize(text.mean(0), dim=-1)  # official: mean of the normalised prompt features
+            pooled_text = F.normalize(text.mean(0), dim=-1)
             logits = logits + self.logit_scale * pooled_image @ pooled_text.T
         return logits
 

@@ -143,14 +143,24 @@ class TipAdapter(Method):
         self.beta = float(task.card.tip_adapter["init_beta"])
         self.train_keys(task, images)
         self.val_accuracy = None
+        self.searched_on = None  # (split, images) where the search ran
         search_set = task.val if hp["search_split"] == "fewshot_val" else task.full_val
         if hp["search"] and len(search_set):
+            self.searched_on = (hp["search_split"], len(search_set))
             f = task.frozen_features(search_set)
             with torch.no_grad():
                 self.beta, self.alpha, self.val_accuracy = search_alpha_beta(
                     100.0 * f @ self.clip_weights.T, f @ self.keys.T, self.values, search_set.labels,
                     task.card.tip_adapter["search_scale"], tuple(hp["search_steps"]),
                 )
+
+    def selection(self) -> str:
+        if getattr(self, "searched_on", None) is None:
+            return "fixed recipe (the card's initial alpha and beta)"
+        split, n = self.searched_on
+        pairs = self.hp["search_steps"][0] * self.hp["search_steps"][1]
+        where = "few-shot val" if split == "fewshot_val" else "full val"
+        return f"{where} search: {pairs} (alpha, beta) pairs on {n} images"
 
     @classmethod
     def config_error(cls, hp: dict, card) -> str | None:

@@ -8,9 +8,16 @@ from methods import ImageSet
 from methods.base import Steps
 
 
+def eval_images(task) -> ImageSet:
+    """The test split of a demo task's dataset, for unit tests that call predict directly (a Task
+    itself never holds it)."""
+    splits = load_datasets([task.card.name], Path("unused"))[task.card.name]
+    return ImageSet(splits.root, task.card.name, splits.test, task.backbone.image_size)
+
+
 def run_method(method, dataset, shots, backbone, seed=1, sets=None) -> dict:
     """The run's record; zero-shot ignores `shots` (stored at 0)."""
     (spec,) = build_grid([method], [dataset], "demo", [shots], [seed], {backbone.name: backbone.weights}, "fp32", sets or {})
     splits = load_datasets([dataset], Path("unused"))[dataset]
-    test = ImageSet(splits.root, dataset, splits.test, backbone.image_size)
+    test = ImageSet(splits.root, dataset, splits.test, backbone.image_size, evaluation=True)
     return run_one(spec, backbone, splits, test, {}, lambda total, desc: Steps())

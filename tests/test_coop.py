@@ -25,7 +25,7 @@ def make_task(backbone, dataset, shots, seed=1):
     return Task(
         card=splits.card, classnames=[c.replace("_", " ") for c in splits.classnames], shots=shots, seed=seed,
         backbone=backbone, precision="fp32", train=ImageSet(splits.root, dataset, manifest.train, size),
-        val=ImageSet(splits.root, dataset, manifest.val, size), test=ImageSet(splits.root, dataset, splits.test, size),
+        val=ImageSet(splits.root, dataset, manifest.val, size),
     )
 
 

@@ -53,8 +53,9 @@ def test_imagenet_reader_uses_val_as_test(tmp_path):
     assert splits.classnames == ["tench", "goldfish", "great white shark"]
 
 
-def dassl_reference(items, k):
-    """Dassl's generate_fewshot_dataset (repeat=True), written independently of the harness."""
+def dassl_reference(items, k, repeat=False):
+    """Dassl's generate_fewshot_dataset, written independently of the harness: master's default
+    repeat=False keeps a short label whole; CLIP-LoRA's copy (repeat=True) pads it."""
     from collections import defaultdict
 
     groups = defaultdict(list)
@@ -62,7 +63,12 @@ def dassl_reference(items, k):
         groups[it.label].append(it)
     out = []
     for group in groups.values():
-        out.extend(random.sample(group, k) if len(group) >= k else random.choices(group, k=k))
+        if len(group) >= k:
+            out.extend(random.sample(group, k))
+        elif repeat:
+            out.extend(random.choices(group, k=k))
+        else:
+            out.extend(group)
     return out
 
 
@@ -76,9 +82,26 @@ def test_coop_sampler_follows_dassl(tmp_path):
     two = sample_coop(splits, shots=2, seed=1)
     assert [sum(i.label == c for i in two.val) for c in range(3)] == [2, 2, 2]
     assert sample_coop(splits, shots=4, seed=2).train != m.train
-    big = sample_coop(splits, shots=16, seed=1)  # fewer items than K: padded with replacement (repeat=True)
+    big = sample_coop(splits, shots=16, seed=1)  # fewer items than K: kept whole, never padded
     random.seed(1)
-    assert big.train == dassl_reference(splits.train, 16) and len(big.train) == 48
+    assert big.train == dassl_reference(splits.train, 16) and len(big.train) == 30 == len(set(big.train))
+
+
+def test_coop_sampler_keeps_short_classes_whole_and_the_stream_after_them(tmp_path):
+    """Dassl master (repeat=False): a class shorter than K keeps its images without a draw, so the
+    classes after it draw from the same stream as if it were absent; padding would shift them."""
+    make_split_json(tmp_path, per_split=(10, 6, 2))
+    splits = read_dataset(get_card("eurosat"), tmp_path)
+    short = [it for it in splits.train if it.label != 1 or it.path.endswith(("_0.jpg", "_1.jpg", "_2.jpg"))]
+    splits.train[:] = short  # class 1 (in the middle) now has 3 training images
+    m = sample_coop(splits, shots=4, seed=7)
+    random.seed(7)
+    assert m.train == dassl_reference(splits.train, 4) and m.val == dassl_reference(splits.val, 4)
+    assert [sum(i.label == c for i in m.train) for c in range(3)] == [4, 3, 4]
+    assert [i for i in m.train if i.label == 1] == [i for i in short if i.label == 1]  # split order, no draw
+    random.seed(7)
+    padded = dassl_reference(splits.train, 4, repeat=True)
+    assert [i for i in padded if i.label == 2] != [i for i in m.train if i.label == 2]  # the stream after it moved
 
 
 def test_coop_imagenet_train_is_coops_own_draw(tmp_path):
@@ -98,8 +121,8 @@ def test_clip_lora_sampler_draws_val_first_and_pads(tmp_path):
     splits = read_dataset(get_card("eurosat"), tmp_path)
     m = sample_clip_lora(splits, shots=16, seed=2)
     random.seed(2)  # CLIP-LoRA: val (min(K, 4)) first, then train, short classes padded
-    val = dassl_reference(splits.val, 4)
-    assert m.val == val and m.train == dassl_reference(splits.train, 16)
+    val = dassl_reference(splits.val, 4, repeat=True)
+    assert m.val == val and m.train == dassl_reference(splits.train, 16, repeat=True)
     assert len(m.train) == 48 and len(set(m.train)) < 48  # drawn with replacement
     assert sample_clip_lora(splits, 4, 2).train != sample_coop(splits, 4, 2).train
 

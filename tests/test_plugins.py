@@ -100,7 +100,7 @@ def test_method_path_runs_under_every_protocol_keyed_by_file_content(tmp_path, c
 def test_builtin_hashes_are_unchanged():
     spec = RunSpec("zero_shot", "demo_shapes", "tiny", 0, 1, "demo", "w", "fp32", {"templates": "card"}, {})
     assert "method_source" not in spec.config
-    assert spec.config_hash == "6e73be83cd9c2214"  # as before plugins existed
+    assert spec.config_hash == "d6e89d375f574abd"  # as without plugins (protocol coop-v3)
 
 
 def test_a_worker_loads_the_method_path_file_itself(tmp_path):

@@ -220,6 +220,27 @@ def test_plot_pp_shared_stage1_is_seed_ones(tiny, demo_root):
     assert not torch.equal(runs["seed2"], runs["seed1"])  # independent seeds by default
 
 
+def test_plot_pp_global_term_averages_raw_prompt_features(tiny, demo_root):
+    """Stage 1's global term (official plotpp.py): the mean of the RAW prompt features, then
+    normalised. Prompts of different norms make it differ from averaging normalised ones."""
+    task = make_task(tiny, "demo_shapes", 1)
+    method = built("plot_pp", task)
+    method.trade_off = True
+    torch.manual_seed(3)
+    image = torch.randn(4, 5, tiny.embed_dim)  # [M, B, E], raw
+    text = torch.randn(4, 3, tiny.embed_dim) * torch.tensor([0.2, 1.0, 5.0, 25.0])[:, None, None]  # [N, C, E], raw
+    ours = method.logits(image, text)
+    n_image, n_text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    sim = torch.einsum("mbe,nce->bcmn", n_image, n_text)  # OT term, independent of the order
+    kernel = torch.exp(-(1 - sim) / 0.1).reshape(15, 4, 4)
+    plan = sinkhorn(kernel, torch.full((15, 4), 0.25), torch.full((15, 4), 0.25)).view(5, 3, 4, 4)
+    ot = method.logit_scale * (plan * sim).sum(dim=(2, 3))
+    official = ot + method.logit_scale * F.normalize(image.mean(0), dim=-1) @ F.normalize(text.mean(0), dim=-1).T
+    other_order = ot + method.logit_scale * F.normalize(n_image.mean(0), dim=-1) @ F.normalize(n_text.mean(0), dim=-1).T
+    torch.testing.assert_close(ours, official, rtol=0, atol=1e-4)
+    assert (official - other_order).abs().max() > 1.0  # the test separates the two orders
+
+
 def test_published_rows_of_the_new_methods_meet_ours_by_name(tmp_path):
     """The CLIP-LoRA paper's rows for the seven methods added here are matched to our runs under
     their names, with the reproduction gap (FIXTURE records at published + 1)."""

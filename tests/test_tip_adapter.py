@@ -84,7 +84,6 @@ def test_keys_are_averaged_over_views_before_normalisation(random_tiny, demo_roo
         card=splits.card, classnames=splits.classnames, shots=2, seed=1, backbone=random_tiny, precision="fp32",
         train=ImageSet(splits.root, "demo_colours", manifest.train, size),
         val=ImageSet(splits.root, "demo_colours", manifest.val, size),
-        test=ImageSet(splits.root, "demo_colours", splits.test, size),
     )
     drawn = []
 
@@ -128,7 +127,6 @@ def test_search_split_full_val_searches_the_whole_val_split(random_tiny, demo_ro
             card=splits.card, classnames=splits.classnames, shots=4, seed=1, backbone=random_tiny, precision="fp32",
             train=ImageSet(splits.root, "demo_colours", manifest.train, size),
             val=ImageSet(splits.root, "demo_colours", manifest.val, size),
-            test=ImageSet(splits.root, "demo_colours", splits.test, size),
             full_val=ImageSet(splits.root, "demo_colours", shifted, size),
         )
         torch.manual_seed(0)

@@ -1,20 +1,26 @@
 """Few-shot subsets, saved as manifests. Two samplers, each the exact draw of an official codebase.
 
-Both use Dassl's `generate_fewshot_dataset` (Dassl.pytorch 27eb2f4, the master CoOp installs):
-labels are visited in order of first appearance in the split list; a label with at least K items
-draws `random.sample(items, K)`, a shorter one `random.choices(items, k=K)` (the default
-`repeat=True`: padded by sampling with replacement).
+Both follow Dassl's `generate_fewshot_dataset` (KaiyangZhou/Dassl.pytorch
+`dassl/data/datasets/base_dataset.py`): labels are visited in order of first appearance in the split
+list; a label with at least K items draws `random.sample(items, K)`. They differ on a label with
+fewer than K items:
 
-`coop` (KaiyangZhou/CoOp): `random.seed(seed)`, then the train subset (K per label), then the val
-subset (min(K, 4) per label from the val split), one random stream. ImageNet has no val split:
-CoOp draws exactly K per label from train (its val is the test set); the harness then draws
-min(K, 4) per label from the train images not chosen, continuing the stream, so the training
-subset is CoOp's own.
+- `coop` (KaiyangZhou/CoOp and its forks CoCoOp, KgCoOp, ProGrad, MaPLe, which never pass `repeat`):
+  Dassl's default `repeat=False` since commit e3a15da (2021-10-09, "set repeat=False as default in
+  generate_fewshot_dataset()"), unchanged at master (checked at HEAD DASSL_HEAD): the label keeps
+  all its items, in split order, and draws nothing from the random stream. `random.seed(seed)`, then
+  the train subset (K per label), then the val subset (min(K, 4) per label from the val split), one
+  random stream. ImageNet has no val split: CoOp draws exactly K per label from train (its val is
+  the test set); the harness then draws min(K, 4) per label from the train images not chosen,
+  continuing the stream, so the training subset is CoOp's own.
+- `clip_lora` (MaxZanella/CLIP-LoRA, `datasets/*.py`, seeded once in `main.py`): its own copy of the
+  function pads a short label by `random.choices(items, k=K)` (with replacement). `random.seed(seed)`,
+  then the val subset FIRST (min(K, 4) per label), then the train subset, one stream. ImageNet
+  (`datasets/imagenet.py`, torchvision ImageFolder order: sorted folders, sorted files): per label
+  one `random.sample(items, K + min(K, 4))`, the first K train, the rest val, never padded.
 
-`clip_lora` (MaxZanella/CLIP-LoRA, `datasets/*.py`, seeded once in `main.py`): `random.seed(seed)`,
-then the val subset FIRST (min(K, 4) per label), then the train subset, one stream. ImageNet
-(`datasets/imagenet.py`, torchvision ImageFolder order: sorted folders, sorted files): per label
-one `random.sample(items, K + min(K, 4))`, the first K train, the rest val, never padded.
+The protocol version (`harness.PROTOCOL_VERSION`, in every run's config) was bumped to coop-v3 when
+`coop` stopped padding: subsets of datasets with a class shorter than K changed.
 """
 
 from __future__ import annotations
@@ -70,20 +76,24 @@ def _by_label(items: list[Item]) -> dict[int, list[Item]]:
     return groups
 
 
-def dassl_sample(items: list[Item], per_label: int) -> list[Item]:
-    """Dassl's generate_fewshot_dataset with repeat=True, on the global `random` stream."""
+def dassl_sample(items: list[Item], per_label: int, repeat: bool) -> list[Item]:
+    """Dassl's generate_fewshot_dataset on the global `random` stream: a label shorter than
+    `per_label` is padded with replacement when `repeat`, else kept whole without a draw."""
     out = []
     for group in _by_label(items).values():
-        out.extend(random.sample(group, per_label) if len(group) >= per_label else random.choices(group, k=per_label))
+        if len(group) >= per_label:
+            out.extend(random.sample(group, per_label))
+        else:
+            out.extend(random.choices(group, k=per_label) if repeat else group)
     return out
 
 
 def sample_coop(splits: DatasetSplits, shots: int, seed: int) -> Manifest:
     n_val = min(shots, 4)
     random.seed(seed)
-    train = dassl_sample(splits.train, shots)
+    train = dassl_sample(splits.train, shots, repeat=False)
     if splits.val:
-        val = dassl_sample(splits.val, n_val)
+        val = dassl_sample(splits.val, n_val, repeat=False)
     else:  # ImageNet: val from the train images CoOp did not choose, after CoOp's own draw
         val = val_from_rest(splits, train, n_val)
     return Manifest(splits.card.name, shots, seed, train, val, "coop")
@@ -93,15 +103,15 @@ def val_from_rest(splits: DatasetSplits, train: list[Item], n_val: int) -> list[
     """A val subset for a dataset without a val split (ImageNet): `n_val` per label, drawn on the
     current `random` stream from the train images not in `train`, so the training draw is untouched."""
     chosen = set(train)
-    return dassl_sample([it for it in splits.train if it not in chosen], n_val)
+    return dassl_sample([it for it in splits.train if it not in chosen], n_val, repeat=False)
 
 
 def sample_clip_lora(splits: DatasetSplits, shots: int, seed: int) -> Manifest:
     n_val = min(shots, 4)
     random.seed(seed)
     if splits.val:
-        val = dassl_sample(splits.val, n_val)
-        train = dassl_sample(splits.train, shots)
+        val = dassl_sample(splits.val, n_val, repeat=True)
+        train = dassl_sample(splits.train, shots, repeat=True)
     else:
         train, val = [], []
         for label, group in _by_label(splits.train).items():
