@@ -251,13 +251,13 @@ def list_(
         from harness.published import VARIANTS
 
         load_plugins(method_path or [])
-        table = Table("method", "paper", "known deviations", "defaults", show_lines=True)
+        table = Table("method", "paper", "official code followed", "known deviations", "defaults", show_lines=True)
         for cls in REGISTRY.values():
             paper = Text(cls.paper) + (Text(f"\n{ORIGINS[cls.name]}", style="dim") if cls.name in ORIGINS else Text(""))
-            table.add_row(cls.name, paper, cls.deviations, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
+            table.add_row(cls.name, paper, cls.source, cls.deviations, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
         for label, (name, hparams) in VARIANTS.items():
             sets = " ".join(f"--set '{k}={v}'" for k, v in hparams.items())
-            table.add_row(label, f"paper variant of {name}", "as its method", f"harness run -m {name} {sets}")
+            table.add_row(label, f"paper variant of {name}", "as its method", "as its method", f"harness run -m {name} {sets}")
     elif what == "datasets":
         table = Table("dataset", "suite", "folder", "classes", "test", "template")
         for card in all_cards().values():

@@ -216,7 +216,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         full_val=ImageSet(splits.root, spec.dataset, splits.val, size),
         start_steps=start_steps,
         feature_cache=feature_cache,
-        train_of_seed=lambda seed: ImageSet(splits.root, spec.dataset, few_shot_subset(spec, learnable, seed)[1], size),
+        train_of_seed=lambda seed: ImageSet(learnable.root, spec.dataset, few_shot_subset(spec, learnable, seed)[1], size),
     )
     cls = REGISTRY[spec.method]
     record["config"] = {**record["config"], "source": cls.source}

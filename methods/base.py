@@ -77,8 +77,8 @@ class Method:
 
     def selection(self) -> str:
         """How this run's hyper-parameters were chosen, asked after `fit`: "fixed recipe", or a search
-        on the few-shot val subset or the full val split with its size (e.g. "few-shot val search:
-        4000 (alpha, beta) pairs on 12 images"). Never the test set."""
+        on the few-shot val subset or the full val split with its size (e.g. "few-shot val search over
+        4000 (alpha, beta) pairs"). Never the test set."""
         return "fixed recipe"
 
     @classmethod

@@ -27,6 +27,7 @@ from methods.lora import block_lora_factory
 class BlockLoRA(CLIPLoRA):
     name = "block_lora"
     paper = "One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot Learning (arXiv 2501.16720)"
+    source = "none (no official code released for arXiv 2501.16720); CLIP-LoRA's loop, MaxZanella/CLIP-LoRA@358f0d7361f5"
     deviations = (
         "RECONSTRUCTION from the abstract only (no method section or code available): shared down-projection over "
         "n input chunks; open choices exposed (n_blocks, chunk_norm, dropout_before_sum, a_init_fan_in); "

@@ -71,7 +71,11 @@ def train_prototypes(bank: torch.Tensor, labels: torch.Tensor, base: torch.Tenso
 class CLAP(Method):
     name = "clap"
     paper = "Silva-Rodriguez et al., A Closer Look at the Few-Shot Adaptation of Large Vision-Language Models, CVPR 2024"
-    deviations = "class names with underscores replaced by spaces (official: raw CoOp names)"
+    source = "jusiro/CLAP@dbdf4095b3d8 (trainers/adapters.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
+    deviations = (
+        "class names with underscores replaced by spaces (official: raw CoOp names); text base and frozen features in "
+        "the run's precision (official: the fp16 CLIP, adapters.py:91-128, cast to fp32 only at :520)"
+    )
     defaults = {
         "constraint": "l2",  # none: ZS-LP
         "lr": 0.1,

@@ -82,6 +82,7 @@ def adapter_logits(adapter: nn.Module, features: torch.Tensor, text: torch.Tenso
 class CLIPAdapter(Method):
     name = "clip_adapter"
     paper = "Gao et al., CLIP-Adapter: Better Vision-Language Models with Feature Adapters, IJCV 2023"
+    source = "gaopengcuhk/CLIP-Adapter@08d07f8b2eca (model); jusiro/CLAP@dbdf4095b3d8 (training recipe, ClipA)"
     deviations = (
         "training recipe is CLAP's CLIP-Adapter baseline (the authors released none): SGD lr 0.1, momentum 0.9, no "
         "weight decay, batch 256, 300 epochs over a pooled bank of 20 augmented views, last epoch; the views are the "

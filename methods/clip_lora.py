@@ -78,6 +78,7 @@ class LoRATraining:
 class CLIPLoRA(Method):
     name = "clip_lora"
     paper = "Zanella & Ben Ayed, Low-Rank Few-Shot Adaptation of Vision-Language Models, CVPRW 2024 (arXiv 2405.18541)"
+    source = "MaxZanella/CLIP-LoRA@358f0d7361f5 (lora.py, loralib/, main.py)"
     deviations = (
         "bf16 autocast on CUDA by default instead of fp16 + GradScaler (--precision fp16 runs the official one; fp32 on CPU); LoRA factored (x A^T) B^T in training "
         f"and merged for evaluation instead of B@A at every forward (same function); {AUGMENT_DEVIATION}; "

@@ -69,6 +69,7 @@ def conditional_text_features(task: Task, prompts: PromptLearner, ctx: torch.Ten
 class CoCoOp(CoOp):
     name = "cocoop"
     paper = "Zhou et al., Conditional Prompt Learning for Vision-Language Models, CVPR 2022"
+    source = "KaiyangZhou/CoOp@ff61507c7904 (trainers/cocoop.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
     deviations = (
         "precision fp32 (CPU) / bf16 autocast (CUDA) instead of pure fp16; "
         f"{AUGMENT_DEVIATION}; per-image prompts batched through the text encoder (same result as the "

@@ -81,6 +81,7 @@ class PromptLearner:
 class CoOp(Method):
     name = "coop"
     paper = "Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022"
+    source = "KaiyangZhou/CoOp@ff61507c7904 (trainers/coop.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
     deviations = (
         "precision fp32 (CPU) / bf16 autocast (CUDA) instead of pure fp16 (--precision fp16: fp16 autocast with "
         f"loss scaling); {AUGMENT_DEVIATION}; frozen image encoder run without autograd (same result); text encoder "

@@ -36,6 +36,11 @@ TEMPLATES = {"dtd": "a photo of a {}, a type of texture."}
 class KgCoOp(CoOp):
     name = "kgcoop"
     paper = "Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization, CVPR 2023"
+    deviations = (
+        CoOp.deviations + "; the knowledge term's hand-crafted text features in the run's precision (official: a fresh "
+        "fp16 CLIP, kgcoop.py:132-144, whatever the precision)"
+    )
+    source = "htyao89/KgCoOp@c43ccc32c873 (trainers/kgcoop.py, its bundled Dassl.ProGrad.pytorch)"
     defaults = {
         **CoOp.defaults,
         "n_ctx": 4,

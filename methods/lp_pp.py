@@ -73,9 +73,12 @@ def lp_logits(features, weight, bias, alpha, text) -> torch.Tensor:
 class LPPP(Method):
     name = "lp_pp"
     paper = "Huang, Shakeri et al., LP++: A Surprisingly Strong Linear Probe for Few-Shot CLIP, CVPR 2024"
+    source = "FereshteShakeri/FewShot-CLIP-Strong-Baseline@f81054f995b0 (LP++: methods/linear_probe_p2.py)"
     deviations = (
         "best iteration chosen on the harness's few-shot val (min(K, 4) per class; LP++: K per class); fp32 "
-        "(official fp16); CoOp-style 3-seed subsets instead of LP++'s 10 random draws"
+        "(official fp16); CoOp-style 3-seed subsets instead of LP++'s 10 random draws; ImageNet: LP++'s val is K "
+        "further train images per class under the train augmentation (datasets/imagenet.py:237-252), the harness's is "
+        "min(K, 4) per class from the train images not chosen, centre view"
     )
     defaults = {
         "iterations": 300,
@@ -143,7 +146,7 @@ class LPPP(Method):
     def selection(self) -> str:
         if not getattr(self, "val_images", 0):
             return "fixed recipe (last iteration)"
-        return f"few-shot val search: best of {self.hp['iterations']} iterations on {self.val_images} images"
+        return f"few-shot val search over {self.hp['iterations']} iterations (the best kept)"
 
     @torch.no_grad()
     def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:

@@ -76,8 +76,11 @@ class MultiModalPrompts(nn.Module):
 class MaPLe(Method):
     name = "maple"
     paper = "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023"
+    source = "muzairkhattak/multimodal-prompt-learning@69bce21ae8ed (trainers/maple.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
     deviations = (
-        "precision fp32 (CPU) / bf16 autocast (CUDA) instead of the official fp16; crops augmented on tensors; "
+        "precision fp32 (CPU) / bf16 autocast (CUDA), all parameters fp32; the official fp16 is mixed: the context "
+        "vectors and the coupling projection are fp16 parameters updated by SGD in fp16 without loss scaling, the deep "
+        "prompts and their projections fp32 (trainers/maple.py:90-117, 281-285); crops augmented on tensors; "
         "widths from the backbone (ViT-L/14 runs); few-shot uses the base-to-new recipe as the CLIP-LoRA paper did; "
         "demo suite: depth 2 and more epochs (tiny backbone)"
     )

@@ -95,6 +95,7 @@ def ot_scores(image: torch.Tensor, text: torch.Tensor, eps: float = 0.1) -> torc
 class PlotPP(Method):
     name = "plot_pp"
     paper = "Chen et al., PLOT: Prompt Learning with Optimal Transport for Vision-Language Models, ICLR 2023 (PLOT++)"
+    source = "CHENGY12/PLOT@728539feac3f (plot-pp/trainers/plotpp.py)"
     deviations = (
         "precision fp32 (CPU) / bf16 autocast (CUDA) instead of fp16; crops augmented on tensors; widths from the "
         "backbone; seeds independent by default (share_stage1=true: the released scripts' shared seed-1 stage 1); "

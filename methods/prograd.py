@@ -15,6 +15,9 @@ Follows BeierZhu/Prompt-align (`ProGrad.public/trainers/prograd.py`, configs `rn
 - SGD lr 0.002, momentum 0.9, weight decay 5e-4, batch 32; epochs 50 (1 shot), 100 (2, 4 shots),
   200 (8, 16 shots); ImageNet 50 (the README's ImageNet rule for base-to-new; for few-shot ImageNet
   inferred from CoOp's 50-epoch rule); epoch 1 constant 1e-5, then cosine; last epoch;
+- base-to-new (datasets/_protocols.yaml): 100 epochs, the released base2new_train_prograd.sh:10
+  (`rn50_ep100`; its README:132 gives ImageNet 50, which the harness does not special-case); the
+  script trains on 4 shots, the harness on CoCoOp's 16 (the protocol's);
 - inference: the student alone, 100 cos(image, learned prompt).
 
 The tokenisation quirk (decided: reproduced by default). p counts words, but CLIP's BPE makes a
@@ -23,9 +26,14 @@ short and the last init word stays a FIXED token after the 16 learned vectors (t
 is "X ... X {init words} {class}." and the learned part covers its first 16 tokens after SOS).
 `count_init_tokens=True` counts BPE tokens instead, so every init word is learnable.
 
+Every official config is RN50 (`configs/trainers/ProGrad/rn50*.yaml`); the ViT recipe here reuses it.
+Which setting produced the published ViT-B/16 base-to-new row (82.48 / 70.75 / 76.16, reprinted in
+htyao89/KgCoOp's readme) is not in any released file (read at BeierZhu/Prompt-align@1b76203).
+
 Deviations: as CoOp's (precision, frozen image encoder without autograd, truncated text encoder);
 the teacher runs through the same frozen backbone at the run's precision (official: a separate fp32
-copy, same weights); epoch_scale < 1 only in the demo suite.
+copy, same weights); base-to-new at 16 shots and ImageNet at 100 epochs (above); epoch_scale < 1
+only in the demo suite.
 """
 
 from __future__ import annotations
@@ -88,9 +96,14 @@ class ProGradPrompt(PromptLearner):
 class ProGrad(CoOp):
     name = "prograd"
     paper = "Zhu et al., Prompt-aligned Gradient for Prompt Tuning, ICCV 2023"
+    source = "BeierZhu/Prompt-align@1b762036cbe9 (ProGrad.public/trainers/prograd.py, its Dassl.ProGrad.pytorch)"
     deviations = (
         CoOp.deviations + "; the zero-shot teacher runs through the same frozen backbone at the run's precision "
-        "(official: a separate fp32 copy); ImageNet's 50 epochs inferred from CoOp's rule (no ProGrad few-shot ImageNet config)"
+        "(official: a separate fp32 copy); ImageNet's 50 epochs inferred from CoOp's rule (no ProGrad few-shot ImageNet config); "
+        "every official config is RN50 (rn50*.yaml), the ViT recipes reuse them; base-to-new: the released script "
+        "(scripts/base2new_train_prograd.sh:10-15) runs RN50, 4 shots, 100 epochs (ImageNet 50, README:132), the harness "
+        "CoCoOp's 16 shots with 100 epochs on every dataset; which setting gave the published ViT-B/16 base-to-new row "
+        "(82.48 / 70.75 / 76.16, reprinted by KgCoOp) no released file says; ImageNet base-to-new at 100 epochs"
     )
     defaults = {
         **{k: v for k, v in CoOp.defaults.items() if k not in ("ctx_init", "init_std")},

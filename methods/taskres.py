@@ -66,9 +66,13 @@ def residual_logits(features: torch.Tensor, base: torch.Tensor, residual: torch.
 class TaskRes(Method):
     name = "taskres"
     paper = "Yu et al., Task Residual for Tuning Vision-Language Models, CVPR 2023"
+    source = "geekyutao/TaskRes@5195359661d6 (trainers/taskres.py, train_regular.sh), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
     deviations = (
         "class names with underscores replaced by spaces (official: raw CoOp names); frozen features of 20 cached "
-        "augmented views (official: a fresh crop each epoch); regular base only"
+        "augmented views (official: a fresh crop each epoch); regular base only; lr 2e-3 (ImageNet 2e-4) on ViT "
+        "backbones inferred from the RN50 script train_regular.sh: the one ViT-B/16 config "
+        "(adam_lr2e-4_B256_ep200_ViT16.yaml, used by no script) has lr 2e-4 and 200 epochs; text base in the run's "
+        "precision (official: computed by the fp16 CLIP, taskres.py:118-142, before model.float() at :255)"
     )
     defaults = {
         "alpha": 0.5,  # Flowers102's card: 1.0

@@ -116,6 +116,7 @@ def augmented_features(task: Task, images: list[torch.Tensor], scale=(0.5, 1.0),
 class TipAdapter(Method):
     name = "tip_adapter"
     paper = "Zhang et al., Tip-Adapter: Training-free Adaption of CLIP for Few-shot Classification, ECCV 2022"
+    source = "gaopengcuhk/Tip-Adapter@d0e2d6f8c5fe (main.py, utils.py)"
     deviations = f"{SEARCH_DEVIATION}; {PRECISION_DEVIATION}"
     defaults = {
         "augment_views": 10,
@@ -157,10 +158,9 @@ class TipAdapter(Method):
     def selection(self) -> str:
         if getattr(self, "searched_on", None) is None:
             return "fixed recipe (the card's initial alpha and beta)"
-        split, n = self.searched_on
         pairs = self.hp["search_steps"][0] * self.hp["search_steps"][1]
-        where = "few-shot val" if split == "fewshot_val" else "full val"
-        return f"{where} search: {pairs} (alpha, beta) pairs on {n} images"
+        where = "few-shot val" if self.searched_on[0] == "fewshot_val" else "full val"
+        return f"{where} search over {pairs} (alpha, beta) pairs"
 
     @classmethod
     def config_error(cls, hp: dict, card) -> str | None:

@@ -41,6 +41,7 @@ def read_templates(value) -> list[str] | str:
 class ZeroShot(Method):
     name = "zero_shot"
     paper = "Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021"
+    source = "openai/CLIP@d05afc436d78 (model, logit scale); templates from KaiyangZhou/CoOp@ff61507c7904"
     deviations = (
         "templates=ensemble is the 7-template set on ImageNet only; on the other datasets it is the single CoOp "
         "template (CLIP's own per-dataset ensembles are not reproduced)"

@@ -31,10 +31,10 @@ def provenance(runs: pd.DataFrame) -> dict:
 
     methods = []
     for cls in REGISTRY.values():
-        methods.append({"name": cls.name, "paper": cls.paper, "deviations": cls.deviations,
+        methods.append({"name": cls.name, "paper": cls.paper, "source": cls.source, "deviations": cls.deviations,
                         "defaults": ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "\u2013"})
     unregistered = sorted(set(runs["base_method"]) - set(REGISTRY))
-    overrides, hparams = [], []
+    overrides, hparams, selection = [], [], []
     for (suite, method), group in runs.groupby(["suite", "method"]):
         configs = [json.loads(c) if isinstance(c, str) else (c or {}) for c in group["config"]]
         ov = sorted({json.dumps(c.get("suite_overrides") or {}, sort_keys=True) for c in configs})
@@ -42,8 +42,10 @@ def provenance(runs: pd.DataFrame) -> dict:
         if any(o != "{}" for o in ov):
             overrides.append({"suite": suite, "method": method, "overrides": "; ".join(ov)})
         subsets = _counts(pd.Series([subset_source(c) for c in configs]))
-        search = _counts(pd.Series([(c.get("hparams") or {}).get("search_split", "\u2013") for c in configs]))
-        hparams.append({"suite": suite, "method": method, "hparams": "; ".join(hp), "subsets": subsets, "search": search})
+        hparams.append({"suite": suite, "method": method, "hparams": "; ".join(hp), "subsets": subsets})
+        chosen = _counts(pd.Series([c.get("selection", "not recorded (run from before selection was stored)") for c in configs]))
+        followed = _counts(pd.Series([c.get("source", "not recorded") for c in configs]))
+        selection.append({"suite": suite, "method": method, "selection": chosen, "source": followed})
     groups = []
     for (suite, backbone), group in runs.groupby(["suite", "backbone"]):
         groups.append({"suite": suite, "backbone": backbone, "weights": _counts(group["weights"]), "device": _counts(group["device"]),
@@ -59,5 +61,5 @@ def provenance(runs: pd.DataFrame) -> dict:
         except metadata.PackageNotFoundError:
             versions.append((name, "not installed"))
     versions.append(("python", platform.python_version()))
-    return {"methods": methods, "unregistered": unregistered, "overrides": overrides, "hparams": hparams,
+    return {"methods": methods, "unregistered": unregistered, "overrides": overrides, "hparams": hparams, "selection": selection,
             "groups": groups, "versions": versions}
