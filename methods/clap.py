@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import ImageSet, Method, Task, register
-from methods.dassl_loop import DASSL_SCHEMA, train_on_pool
+from methods.dassl_loop import DASSL_SCHEMA, train_on_features
 from methods.feature_bank import augmented_views
 from methods.hparams import Param
 from methods.taskres import base_templates, raw_text_base
@@ -54,16 +54,17 @@ def clap_loss(features, labels, prototypes, base, lam) -> torch.Tensor:
     return ce + (lam * (prototypes - base).pow(2).sum(-1)).mean()
 
 
-def train_prototypes(bank: torch.Tensor, labels: torch.Tensor, base: torch.Tensor, lam: torch.Tensor, n_images: int,
-                     hp: dict, steps=None) -> torch.Tensor:
-    """SGD on prototypes initialised to `base` over the feature bank [M, D] (labels [M]); returns W."""
+def train_prototypes(views: torch.Tensor, labels: torch.Tensor, base: torch.Tensor, lam: torch.Tensor, hp: dict,
+                     steps=None) -> torch.Tensor:
+    """SGD on prototypes initialised to `base` over the pooled bank of normalised view features
+    [V, N, D] (labels [N]); returns W."""
     prototypes = base.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([prototypes], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
 
     def loss_fn(feats, y):
         return clap_loss(feats, y, prototypes, base, lam)
 
-    train_on_pool(optimizer, bank, labels, n_images, hp["epochs"], hp, loss_fn, steps)
+    train_on_features(optimizer, views, labels, hp["epochs"], hp, loss_fn, steps, pooled=True)
     return prototypes.detach()
 
 
@@ -98,16 +99,14 @@ class CLAP(Method):
     def fit(self, task: Task) -> None:
         hp = self.hp
         self.base = raw_text_base(task, base_templates(task))  # [C, D]
-        views = augmented_views(task, hp["augment_views"], tuple(hp["crop_scale"]))  # raw [V, N, D]
-        n = views.shape[1]
-        bank = F.normalize(views.reshape(-1, views.shape[-1]), dim=-1)
-        labels = task.train.labels.to(task.device).repeat(len(views))
-        if hp["constraint"] == "l2":
-            self.lam = lagrangian_multipliers(bank, labels, self.base)
+        views = F.normalize(augmented_views(task, hp["augment_views"], tuple(hp["crop_scale"])), dim=-1)  # [V, N, D]
+        labels = task.train.labels.to(task.device)
+        if hp["constraint"] == "l2":  # over all views
+            self.lam = lagrangian_multipliers(views.reshape(-1, views.shape[-1]), labels.repeat(len(views)), self.base)
         else:
             self.lam = torch.zeros(len(self.base), device=task.device)
         steps = task.start_steps(hp["epochs"], "clap epochs")
-        self.prototypes = train_prototypes(bank, labels, self.base, self.lam, n, hp, steps)
+        self.prototypes = train_prototypes(views, labels, self.base, self.lam, hp, steps)
 
     @torch.no_grad()
     def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ Recipe (CLAP@dbdf409, `configs/trainers/SGD_lr1e-1_B256_ep300.yaml` = yaml, Dass
 - features: 20 augmented passes over the few-shot images (adapters.py:142-143, :537-538), crops
   RandomResizedCrop (0.08, 1) bicubic + flip (yaml:10, :13; Dassl `defaults.py`:40), encoded once and
   pooled into one bank of 20N; each epoch shuffles the bank and takes as many batches of 256 as
-  Dassl's loader over the N images holds (adapters.py:431, :445-455), `dassl_loop.train_on_pool`.
+  Dassl's loader over the N images holds (adapters.py:431, :445-455), `dassl_loop.train_on_features`.
 
 Deviations: the 20 views are the harness's shared bank (`feature_bank.augmented_views`: its own crop
 stream, shared with TaskRes and CLAP); frozen features and text base in the run's precision (CLAP
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import ImageSet, Method, Task, register
-from methods.dassl_loop import DASSL_SCHEMA, train_on_pool
+from methods.dassl_loop import DASSL_SCHEMA, train_on_features
 from methods.feature_bank import augmented_views
 from methods.hparams import Param
 from methods.taskres import base_templates, raw_text_base
@@ -116,14 +116,14 @@ class CLIPAdapter(Method):
         self.text = raw_text_base(task, base_templates(task))  # [C, D], unnormalised
         self.adapter = Adapter(task.backbone.embed_dim, hp["reduction"]).to(task.device)
         views = augmented_views(task, hp["augment_views"], tuple(hp["crop_scale"]))  # raw [V, N, D]
-        pool = views.reshape(-1, views.shape[-1])
-        labels = task.train.labels.to(task.device).repeat(len(views))
+        labels = task.train.labels.to(task.device)
         optimizer = torch.optim.SGD(self.adapter.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
 
         def loss_fn(feats, y):
             return F.cross_entropy(adapter_logits(self.adapter, feats, self.text, hp["ratio"]), y)
 
-        train_on_pool(optimizer, pool, labels, views.shape[1], hp["epochs"], hp, loss_fn, task.start_steps(hp["epochs"], "clip-adapter epochs"))
+        steps = task.start_steps(hp["epochs"], "clip-adapter epochs")
+        train_on_features(optimizer, views, labels, hp["epochs"], hp, loss_fn, steps, pooled=True)
         self.adapter.eval().requires_grad_(False)
 
     @torch.no_grad()

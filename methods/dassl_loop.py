@@ -73,48 +73,27 @@ def train(task: Task, params: list[torch.Tensor], hp: dict, epochs: int, forward
     return epoch_lrs
 
 
-def train_on_views(task: Task, optimizer: torch.optim.Optimizer, views: torch.Tensor, labels: torch.Tensor, epochs: int,
-                   hp: dict, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], desc: str, drop_last: bool = True) -> None:
-    """The same schedule on cached features instead of fresh crops (TaskRes): epoch e
-    uses view (e - 1) mod V of every image (views [V, N, D], labels [N]), shuffled into batches of
-    `batch_size` (Dassl's drop rule, or every partial batch kept with drop_last=False);
+def train_on_features(optimizer: torch.optim.Optimizer, views: torch.Tensor, labels: torch.Tensor, epochs: int, hp: dict,
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], steps=None, pooled: bool = False) -> None:
+    """The same schedule on cached features of V augmented views of N images (views [V, N, D],
+    labels [N]) instead of fresh crops. Each epoch takes as many shuffled batches of `batch_size` as
+    Dassl's loader over the N images holds, from:
+    - pooled=False (TaskRes): view (e - 1) mod V of every image in epoch e;
+    - pooled=True (CLAP's loop, jusiro/CLAP@dbdf409 `trainers/adapters.py`:431-455, which CLAP and its
+      CLIP-Adapter baseline run): the whole bank of V x N features, shuffled every epoch.
     loss_fn(features, labels) -> loss. `hp` holds lr, warmup_epochs, warmup_lr and batch_size."""
-    n, bs = views.shape[1], hp["batch_size"]
-    per_epoch = batches_per_epoch(n, bs) if drop_last else math.ceil(n / bs)
-    guard, steps, step = FiniteGuard(), task.start_steps(epochs, f"{desc} epochs"), 0
-    for epoch in range(1, epochs + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = coop_lr(epoch, epochs, hp["lr"], hp["warmup_lr"], hp["warmup_epochs"])
-        feats = views[(epoch - 1) % len(views)]
-        order = torch.randperm(n, device=views.device)
-        for b in range(per_epoch):
-            idx = order[b * bs : (b + 1) * bs]
-            loss = loss_fn(feats[idx], labels[idx])
-            guard.update(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-        steps.advance()
-    guard.close()
-
-
-def train_on_pool(optimizer: torch.optim.Optimizer, pool: torch.Tensor, labels: torch.Tensor, n_images: int, epochs: int,
-                  hp: dict, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], steps=None) -> None:
-    """CLAP's loop over a pooled bank (jusiro/CLAP@dbdf409 `trainers/adapters.py`, used by CLAP and
-    its CLIP-Adapter baseline): every epoch shuffles the whole pool of V x N cached view features
-    (pool [M, D], labels [M]) and takes as many batches of `batch_size` as Dassl's loader over the
-    N images holds (`batches_per_epoch(n_images, batch_size)`: about N samples per epoch), with the
-    per-epoch `coop_lr` schedule. `hp` holds lr, warmup_epochs, warmup_lr and batch_size."""
+    v, n = views.shape[:2]
     bs = hp["batch_size"]
+    pool, pool_labels = views.reshape(v * n, -1), labels.repeat(v)
     guard, step = FiniteGuard(), 0
     for epoch in range(1, epochs + 1):
         for group in optimizer.param_groups:
             group["lr"] = coop_lr(epoch, epochs, hp["lr"], hp["warmup_lr"], hp["warmup_epochs"])
-        order = torch.randperm(len(labels), device=pool.device)
-        for b in range(batches_per_epoch(n_images, bs)):
+        feats, y = (pool, pool_labels) if pooled else (views[(epoch - 1) % v], labels)
+        order = torch.randperm(len(y), device=views.device)
+        for b in range(batches_per_epoch(n, bs)):
             idx = order[b * bs : (b + 1) * bs]
-            loss = loss_fn(pool[idx], labels[idx])
+            loss = loss_fn(feats[idx], y[idx])
             guard.update(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

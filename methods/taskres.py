@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from harness.backbones import encode_text
 from methods.base import ImageSet, Method, Task, register
-from methods.dassl_loop import train_on_views
+from methods.dassl_loop import train_on_features
 from methods.feature_bank import augmented_views
 from methods.hparams import Param
 
@@ -113,7 +113,7 @@ class TaskRes(Method):
         def loss_fn(feats, y):
             return F.cross_entropy(residual_logits(feats, self.base, self.residual, hp["alpha"]), y)
 
-        train_on_views(task, optimizer, views, labels, self.epochs, hp, loss_fn, "taskres")
+        train_on_features(optimizer, views, labels, self.epochs, hp, loss_fn, task.start_steps(self.epochs, "taskres epochs"))
         self.residual = self.residual.detach()
 
     @torch.no_grad()

@@ -77,7 +77,7 @@ def test_clap_constraint_pulls_towards_the_zero_shot_prototypes():
     distance = {}
     for lam in (0.0, 5.0):  # 5: large but stable under lr 0.1 (the step on w_c scales 2 lr lambda / C)
         torch.manual_seed(0)
-        w = clap.train_prototypes(feats, labels, base, torch.full((c,), lam), m, hp)
+        w = clap.train_prototypes(feats[None], labels, base, torch.full((c,), lam), hp)  # one view of m images
         distance[lam] = float((w - base).norm())
     assert distance[0.0] > 0.1 and distance[5.0] < distance[0.0] / 5, distance
     # lambda_c: the mean zero-shot probability of the true class over class c's features.
@@ -145,19 +145,19 @@ def test_clip_adapter_with_zeroed_weights_is_zero_shot(random_tiny, demo_root):
 def test_pooled_loop_takes_dassl_batches_from_the_whole_bank():
     """CLAP's loop (CLIP-Adapter and CLAP): per epoch one shuffle of all V x N features, as many
     batches as Dassl's loader over the N images holds (N // bs, at least 1), full-size batches."""
-    from methods.dassl_loop import train_on_pool
+    from methods.dassl_loop import train_on_features
 
     weight = torch.zeros(1, requires_grad=True)
     hp = {"lr": 0.1, "warmup_lr": 1e-5, "warmup_epochs": 1, "batch_size": 4}
     for n_images, views, expected in ((10, 20, [4, 4]), (3, 20, [4]), (3, 1, [3])):
-        pool, seen = torch.arange(n_images * views, dtype=torch.float).unsqueeze(1), []
+        bank, seen = torch.arange(n_images * views, dtype=torch.float).view(views, n_images, 1), []
 
         def loss_fn(feats, y):
             seen.append(feats.squeeze(1).long().tolist())
             return (weight * feats).sum()
 
         torch.manual_seed(0)
-        train_on_pool(torch.optim.SGD([weight], lr=0.1), pool, torch.zeros(len(pool), dtype=torch.long), n_images, 3, hp, loss_fn)
+        train_on_features(torch.optim.SGD([weight], lr=0.1), bank, torch.zeros(n_images, dtype=torch.long), 3, hp, loss_fn, pooled=True)
         assert [len(b) for b in seen] == expected * 3
         if views > 1:
             assert max(max(b) for b in seen) >= n_images  # batches come from the whole bank, not one view

@@ -31,6 +31,8 @@ def _record(method, dataset, backbone, shots, seed, top1, *, suite="standard", h
               "backbone": backbone, "precision": "bf16" if suite == "standard" else "fp32",
               "suite_overrides": {"epochs": 2} if suite == "demo" and method != "zero_shot" else {}}
     key = json.dumps(config, sort_keys=True)
+    if method == "tip_adapter_f":  # as run_one stores them, outside the hash
+        config = {**config, "selection": "few-shot val search over 4000 (alpha, beta) pairs", "source": "gaopengcuhk/Tip-Adapter@d0e2d6f8c5fe"}
     return {
         "config_hash": f"fx{abs(hash(key)) % 10**14:014d}", "run_id": f"fixture-{n}", "method": method, "dataset": dataset,
         "suite": suite, "backbone": backbone, "weights": "fixture-weights", "shots": shots, "seed": seed, "config": config,
@@ -123,6 +125,11 @@ def test_report_files_and_content(rendered):
     assert "coop_ctx4" in html and '<td class="name">coop</td>' not in html
     assert "few-shot subsets (runs)" in html and "coop (before samplers were recorded)" in html
     assert "0-shot reference" in html
+    selection = html[html.index('id="selection"'):]
+    selection = selection[: selection.index("</table>")]
+    assert "few-shot val search over 4000 (alpha, beta) pairs (27)" in selection  # 3 datasets x 3 shots x 3 seeds
+    assert "not recorded (run from before selection was stored)" in selection
+    assert "gaopengcuhk/Tip-Adapter@d0e2d6f8c5fe" in selection and "Tip-Adapter@d0e2d6f8c5fe (main.py" in html
     assert "Reproduction gap" in html and "CLIP-LoRA paper (arXiv 2405.18541v2)" in html
     assert "DivergedError: loss became nan at step 17" in html  # failed run listed
     assert "2/3 seeds" in html  # clip_lora dtd 16-shot and the failed block_lora run
