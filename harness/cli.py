@@ -97,7 +97,7 @@ def run(
     from harness.protocols import check_targets, get_protocol
     from harness.records import default_records_dir, ingest
     from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
-    from harness.store import completed_hashes, store_or_keep
+    from harness.store import completed_hashes, database_id, store_or_keep, stored_run_ids
     from methods import REGISTRY
 
     load_plugins(method_path or [])  # entry points and --method-path files register before any name is resolved
@@ -152,8 +152,10 @@ def run(
             table.add_row(str(i), spec.method, spec.dataset, spec.backbone, str(spec.shots), str(spec.seed), spec.config_hash)
         console.print(table)
         return
+    db_id = None
     if not dry_run:
-        ingest(records_dir, db_path)  # runs that workers finished earlier count as complete
+        db_id = database_id(db_path)  # records made for this database carry it
+        ingest(records_dir, db_path, db_id)  # runs that workers finished earlier count as complete
     done = set() if force else completed_hashes(db_path)
     if executor != "serial":
         from harness.distributed import ClusterOptions, run_distributed
@@ -162,7 +164,7 @@ def run(
         failed = run_distributed(
             grid, done, executor, jobs, opts, records=records_dir, db=db_path, data_root=root,
             weights_paths=weights_paths, device=dev, dry_run=dry_run, wait=wait, console=console,
-            plugin_files=loaded_files(),
+            plugin_files=loaded_files(), db_id=db_id, replaces=stored_run_ids(db_path) if force and not dry_run else {},
         )
         if failed:
             raise typer.Exit(1)
@@ -172,7 +174,7 @@ def run(
             grid,
             datasets=datasets,
             done=done,
-            store=lambda record: store_or_keep(db_path, record, records_dir),
+            store=lambda record: store_or_keep(db_path, {**record, "db_id": db_id}, records_dir),
             weights_paths=weights_paths,
             device=dev,
             console=console,
@@ -196,11 +198,21 @@ def run(
 
 
 def _ingest_pending(db_path: Path) -> None:
-    """Report and check read the database: first collect records that workers left beside it."""
+    """Report and check read the database: first collect the records that its own sweeps left beside
+    it (records made for another database, or for none, wait for an explicit `harness ingest`)."""
     from harness.records import default_records_dir
     from harness.records import ingest as ingest_records
+    from harness.store import database_id
 
-    ingest_records(default_records_dir(db_path), db_path)  # nothing to do without a records folder
+    folder = default_records_dir(db_path)
+    if folder.is_dir() and any(folder.glob("*.json")):
+        db_id = database_id(db_path, create=False) or "none"  # a database from before identities owns no record
+        result = ingest_records(folder, db_path, db_id)
+        if result.foreign:
+            Console(stderr=True).print(Text(
+                f"note: {result.foreign} record(s) in {folder} were made for another database (or before records "
+                f"named theirs) and were not taken; `harness ingest --db {db_path} --records {folder}` imports them."
+            ))
 
 
 @app.command()
@@ -208,13 +220,22 @@ def ingest(
     db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
     records: Optional[Path] = typer.Option(None, help="Records folder [default: records/ beside the database]."),
 ):
-    """Load workers' run records into the database (idempotent: a record ingested twice is one run)."""
+    """Load run records into the database, also those made for another one (idempotent; a record that
+    disagrees with a stored run is kept aside and named, never stored over it)."""
     from harness.records import default_records_dir
     from harness.records import ingest as ingest_records
 
     db_path = paths.db_path(db)
     folder = records or default_records_dir(db_path)
-    console.print(f"Ingested {ingest_records(folder, db_path)} runs from the record files in {folder} into {db_path}.")
+    if not folder.is_dir():
+        raise HarnessError(f"No records folder at {folder}. Pass --records DIR (the folder the workers wrote to).")
+    result = ingest_records(folder, db_path)
+    console.print(f"Ingested {result.stored} new run(s) from the record files in {folder} into {db_path}; "
+                  f"{result.unchanged} already stored, {len(result.conflicts)} conflicting (kept aside), "
+                  f"{len(result.invalid)} refused.")
+    if result.foreign:
+        console.print(f"{result.foreign} of the records taken were made for another database or name none "
+                      f"(imported because you asked for {folder}).")
 
 
 @app.command()

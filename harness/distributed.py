@@ -15,8 +15,8 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import submitit
@@ -70,10 +70,18 @@ class ShardJob(submitit.helpers.Checkpointable):
     """One worker: runs its shard, writing a record file per run. Requeued as is on preemption."""
 
     def __init__(self, specs: list[RunSpec], data_root: str, records: str, weights_paths: dict, device: str, threads: int,
-                 plugin_files: list[str] | None = None):
+                 plugin_files: list[str] | None = None, db_id: str | None = None, sweep_id: str | None = None,
+                 replaces: dict[str, str] | None = None):
         self.specs, self.data_root, self.records = specs, data_root, records
         self.weights_paths, self.device, self.threads = weights_paths, device, threads
         self.plugin_files = plugin_files or []  # --method-path files of the planning process (absolute paths)
+        # Every record names the database and the sweep it was made for, and a --force rerun the stored
+        # run it replaces (config hash -> run id), so the writer can tell it from a conflicting leftover.
+        self.db_id, self.sweep_id, self.replaces = db_id, sweep_id, replaces or {}
+
+    def stamp(self, record: dict) -> dict:
+        replaced = self.replaces.get(record["config_hash"])
+        return {**record, "db_id": self.db_id, "sweep_id": self.sweep_id, **({"replaces": replaced} if replaced else {})}
 
     def __call__(self) -> dict:
         if self.device == "cpu":
@@ -85,8 +93,8 @@ class ShardJob(submitit.helpers.Checkpointable):
         result = run_sweep(
             self.specs,
             datasets=datasets,
-            done=completed_in_records(records),
-            store=lambda record: write_record_file(records, record),
+            done=completed_in_records(records, self.sweep_id),  # a requeued job skips what this sweep finished
+            store=lambda record: write_record_file(records, self.stamp(record)),
             weights_paths=self.weights_paths,
             device=self.device,
             console=Console(file=sys.stdout, width=120),
@@ -131,15 +139,15 @@ def make_executor(kind: str, folder: Path, opts: ClusterOptions) -> submitit.Exe
     return executor
 
 
-def write_plan(records: Path, grid: list[RunSpec], shards: list[list[RunSpec]]) -> None:
+def write_plan(records: Path, grid: list[RunSpec], shards: list[list[RunSpec]], sweep_id: str) -> None:
     """What `harness status` compares the records with."""
-    plan = {"runs": {s.config_hash: s.label for s in grid}, "jobs": [[s.config_hash for s in sh] for sh in shards]}
+    plan = {"sweep_id": sweep_id, "runs": {s.config_hash: s.label for s in grid}, "jobs": [[s.config_hash for s in sh] for sh in shards]}
     atomic_write_text(records / PLAN, json.dumps(plan, indent=1))
 
 
 def submit(
     shards: list[list[RunSpec]], kind: str, *, records: Path, data_root: Path, weights_paths: dict, device: str, opts: ClusterOptions,
-    plugin_files: list[str] | None = None,
+    plugin_files: list[str] | None = None, db_id: str | None = None, sweep_id: str | None = None, replaces: dict | None = None,
 ) -> list[submitit.Job]:
     executor = make_executor(kind, records / "submitit", opts)
     n_gpus = torch.cuda.device_count() if device == "cuda" else 0
@@ -148,7 +156,7 @@ def submit(
 
     def job_for(specs):
         return ShardJob(specs, str(data_root), str(records), weights_paths, device, threads if kind == "local" else opts.cpus_per_job,
-                        plugin_files)
+                        plugin_files, db_id, sweep_id, {s.config_hash: replaces[s.config_hash] for s in specs if s.config_hash in (replaces or {})})
 
     if kind == "local":
         for i, specs in enumerate(shards):
@@ -161,15 +169,15 @@ def submit(
     return jobs
 
 
-def follow(jobs: list[submitit.Job], records: Path, total: int, since: str, console: Console) -> list[str]:
-    """Show progress from the record files (those finished after `since`, ISO UTC) until every job
-    ends; returns the errors of jobs that died."""
+def follow(jobs: list[submitit.Job], records: Path, total: int, sweep_id: str, console: Console) -> list[str]:
+    """Show progress from the record files (those of sweep `sweep_id`) until every job ends; returns
+    the errors of jobs that died."""
     progress = sweep_progress(console)
     planned = set(json.loads((records / PLAN).read_text())["runs"])
     with progress:
         task = progress.add_task(f"{len(jobs)} jobs", total=total)
         while True:
-            finished = sum(1 for r in read_records(records) if r["config_hash"] in planned and r["finished_at"] >= since)
+            finished = sum(1 for r in read_records(records) if r["config_hash"] in planned and r.get("sweep_id") == sweep_id)
             progress.update(task, completed=min(finished, total))
             if all(job.done() for job in jobs):
                 break
@@ -185,9 +193,10 @@ def follow(jobs: list[submitit.Job], records: Path, total: int, since: str, cons
 def run_distributed(
     grid: list[RunSpec], done: set[str], executor: str, jobs: int, opts: ClusterOptions, *, records: Path, db: Path,
     data_root: Path, weights_paths: dict, device: str, dry_run: bool, wait: bool, console: Console,
-    plugin_files: list[str] | None = None,
+    plugin_files: list[str] | None = None, db_id: str | None = None, replaces: dict[str, str] | None = None,
 ) -> bool:
-    """Shard, submit, follow and ingest a sweep; returns True when a run or a job failed."""
+    """Shard, submit, follow and ingest a sweep; returns True when a run or a job failed. `db_id`:
+    the database the records are made for; `replaces`: for --force, the stored run each rerun replaces."""
     from harness.published import load_published
 
     todo = [s for s in grid if s.config_hash not in done]
@@ -206,26 +215,26 @@ def run_distributed(
         console.print(f"Job parameters: {opts}. Records would go to {records}. Nothing submitted (--dry-run).")
         return False
     records.mkdir(parents=True, exist_ok=True)
-    write_plan(records, todo, shards)
-    since = datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
+    sweep_id = uuid.uuid4().hex
+    write_plan(records, todo, shards, sweep_id)
     submitted = submit(shards, executor, records=records, data_root=data_root, weights_paths=weights_paths, device=device, opts=opts,
-                       plugin_files=plugin_files)
+                       plugin_files=plugin_files, db_id=db_id, sweep_id=sweep_id, replaces=replaces)
     console.print(f"Submitted {len(submitted)} jobs ({', '.join(j.job_id for j in submitted)}); records go to {records}.")
     if executor == "slurm" and not wait:
         console.print("Follow them with `harness status`; collect the records with `harness ingest` (report and check also ingest).")
         return False
     try:
-        errors = follow(submitted, records, len(todo), since, console)
+        errors = follow(submitted, records, len(todo), sweep_id, console)
     except KeyboardInterrupt:
         if executor == "local":
             for job in submitted:
                 job.cancel(check=False)
-        ingest(records, db)
+        ingest(records, db, db_id)
         raise HarnessError("Interrupted. Finished runs are stored; run the same command again to resume.") from None
-    ingest(records, db)
+    ingest(records, db, db_id)
     load_published(db)
     planned = {s.config_hash for s in todo}
-    mine = [r for r in read_records(records) if r["config_hash"] in planned and r["finished_at"] >= since]
+    mine = [r for r in read_records(records) if r["config_hash"] in planned and r.get("sweep_id") == sweep_id]
     failed = [r for r in mine if r["status"] != "ok"]
     console.print(f"{len(mine) - len(failed)} ok, {len(failed)} failed, {len(grid) - len(todo)} skipped. Database: {db}")
     for line in errors:

@@ -22,6 +22,15 @@ from methods.hparams import parse_value, validate
 
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
+# What the runner adds to a run's stored config after planning (the drawn subset's hash, the method's
+# official code, how its hyper-parameters were chosen): recorded, but not part of the run's identity.
+RUNTIME_CONFIG_KEYS = ("manifest_hash", "source", "selection")
+
+
+def config_hash_of(config: dict) -> str:
+    """A run's identity: the hash of its planned config (a stored config minus RUNTIME_CONFIG_KEYS)."""
+    planned = {k: v for k, v in config.items() if k not in RUNTIME_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(planned, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,7 @@ class RunSpec:
 
     @property
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+        return config_hash_of(self.config)
 
     @property
     def label(self) -> str:

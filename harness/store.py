@@ -14,6 +14,7 @@ import json
 import os
 import re
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -218,6 +219,32 @@ def repair_runs(path: Path) -> int:
         con.close()
 
 
+def database_id(path: Path, create: bool = True) -> str | None:
+    """This database's identity (created on first use, kept in table `meta`): the records a sweep
+    writes for it carry it, and it ingests on its own only records that do. create=False: read it
+    without writing (None for a missing database or one from before identities)."""
+    if not create:
+        if not Path(path).is_file():
+            return None
+        with connect(path, read_only=True) as con:
+            if not con.execute("SELECT 1 FROM duckdb_tables() WHERE table_name = 'meta'").fetchone():
+                return None
+            row = con.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()
+            return row[0] if row else None
+    with connect(path) as con:
+        con.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        con.execute("INSERT INTO meta VALUES ('db_id', ?) ON CONFLICT DO NOTHING", [uuid.uuid4().hex])
+        return con.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0]
+
+
+def stored_run_ids(path: Path) -> dict[str, str]:
+    """{config hash: run id} of the stored ok runs (what a --force rerun names as the run it replaces)."""
+    if not Path(path).is_file():
+        return {}
+    with connect(path, read_only=True) as con:
+        return dict(con.execute("SELECT config_hash, run_id FROM runs WHERE status = 'ok'").fetchall())
+
+
 def completed_hashes(path: Path) -> set[str]:
     """Opened for writing on purpose: `harness run` asks first, so a database it could not write to
     (locked, corrupt, read-only folder) stops the sweep before any training, not after it."""
@@ -241,9 +268,10 @@ EVAL_COLUMNS = {
 }
 
 
-def insert_record(con: duckdb.DuckDBPyConnection, record: dict) -> None:
+def insert_record(con: duckdb.DuckDBPyConnection, record: dict, replace: bool = False) -> None:
     """Store a run and its evaluations in one transaction: a config hash holds its most recently
-    finished attempt only, so re-ingesting an old record (or a stale failure) never replaces a newer run."""
+    finished attempt only, so an older attempt never replaces a newer run; `replace`: this record
+    replaces the stored one whatever its time (ingest has decided so)."""
     row = {name: record.get(name) for name in COLUMNS}
     if not isinstance(row["config"], str):
         row["config"] = json.dumps(row["config"], sort_keys=True)
@@ -253,8 +281,8 @@ def insert_record(con: duckdb.DuckDBPyConnection, record: dict) -> None:
     con.execute("BEGIN")
     try:
         con.execute(
-            f"INSERT INTO runs ({names}) VALUES ({marks}) ON CONFLICT (config_hash) DO UPDATE SET {updates} "
-            "WHERE excluded.finished_at >= runs.finished_at",
+            f"INSERT INTO runs ({names}) VALUES ({marks}) ON CONFLICT (config_hash) DO UPDATE SET {updates}"
+            + ("" if replace else " WHERE excluded.finished_at >= runs.finished_at"),
             list(row.values()),
         )
         won = con.execute("SELECT run_id FROM runs WHERE config_hash = ?", [row["config_hash"]]).fetchone()[0] == row["run_id"]

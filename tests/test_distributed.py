@@ -9,7 +9,9 @@ from pathlib import Path
 import duckdb
 
 from harness.cli import run_cli
+from harness.grid import config_hash_of
 from harness.records import ingest, read_records, write_record_file
+from harness.store import database_id
 
 
 def stored(db):
@@ -53,8 +55,10 @@ def test_records_from_concurrent_workers_are_ingested_once(tmp_path):
 
     def worker(i):
         barrier.wait()
-        write_record_file(records, {"config_hash": f"hash{i}", "method": "m", "dataset": "d", "status": "ok", "top1": 50.0 + i,
-                                    "config": {"i": i}, "finished_at": "2026-11-22T10:00:00"})
+        config = {"method": "m", "dataset": "d", "suite": "demo", "shots": 1, "seed": i, "hparams": {}}
+        write_record_file(records, {"config_hash": config_hash_of(config), "run_id": f"run{i}", "method": "m", "dataset": "d",
+                                    "suite": "demo", "backbone": "tiny", "shots": 1, "seed": i, "status": "ok", "top1": 50.0 + i,
+                                    "config": config, "finished_at": f"2026-11-22T10:00:0{i}"})
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
     for t in threads:
@@ -62,9 +66,9 @@ def test_records_from_concurrent_workers_are_ingested_once(tmp_path):
     for t in threads:
         t.join()
     assert not db.exists()  # workers never touch the database
-    assert ingest(records, db) == 2
-    assert ingest(records, db) == 2
-    assert [(r[0], r[6]) for r in stored(db)] == [("hash0", 50.0), ("hash1", 51.0)]
+    assert ingest(records, db).stored == 2
+    assert ingest(records, db).unchanged == 2  # a record ingested twice is one run
+    assert sorted(r[6] for r in stored(db)) == [50.0, 51.0]
 
 
 def _descendants(pid):
@@ -90,8 +94,9 @@ def test_killed_worker_then_resubmitted_sweep_loses_and_duplicates_nothing(tmp_p
     grid = build_grid(["coop"], ["demo_shapes"], "demo", [1, 2, 4, 8], [1, 2], {"tiny": _tiny_identity()}, "fp32", {})
     shards = shard(grid, 1)
     records.mkdir(parents=True)
-    write_plan(records, grid, shards)
-    (job,) = submit(shards, "local", records=records, data_root=demo_root, weights_paths={"tiny": None}, device="cpu", opts=ClusterOptions(time_min=10))
+    write_plan(records, grid, shards, "first")
+    (job,) = submit(shards, "local", records=records, data_root=demo_root, weights_paths={"tiny": None}, device="cpu",
+                    opts=ClusterOptions(time_min=10), db_id=database_id(db), sweep_id="first")  # as `harness run` plans it
     deadline = time.monotonic() + 120
     while len(read_records(records)) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -102,11 +107,21 @@ def test_killed_worker_then_resubmitted_sweep_loses_and_duplicates_nothing(tmp_p
             pass
     done_before = len(read_records(records))
     assert 2 <= done_before < len(grid), "the worker should die mid-sweep"
+    first = {r["config_hash"]: r["run_id"] for r in read_records(records)}
     assert run_cli(args + ["--executor", "local", "--jobs", "2"]) == 0
     rows = stored(db)
+    assert {h: run_id for h, run_id in stored_ids(db).items() if h in first} == first  # the killed worker's runs kept, not redone
     assert len(rows) == len(grid) == len({r[0] for r in rows})
     assert all(r[5] == "ok" for r in rows)
     assert {r[0] for r in rows} == {s.config_hash for s in grid}
+
+
+def stored_ids(db):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return dict(con.execute("SELECT config_hash, run_id FROM runs").fetchall())
+    finally:
+        con.close()
 
 
 def _tiny_identity():

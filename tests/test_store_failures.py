@@ -20,6 +20,7 @@ import pytest
 
 from harness.cli import run_cli
 from harness.errors import HarnessError
+from harness.grid import config_hash_of
 from harness.paths import atomic_write_text
 from harness.records import ingest, read_records, write_record_file
 from harness.store import connect, repair_runs, store_or_keep, write_record
@@ -27,23 +28,34 @@ from harness.store import connect, repair_runs, store_or_keep, write_record
 T0 = datetime(2026, 1, 1, 12, 0)
 
 
+KEYS: dict[str, str] = {}  # config hash -> the fixture's short name (h1, h2, ...)
+
+
 def _record(key="h1", top1=61.5, minutes=0, method="coop", dataset="demo_shapes"):
-    config = {"method": method, "hparams": {}, "dataset": dataset, "suite": "demo", "shots": 4, "seed": 1}
-    return {"config_hash": key, "run_id": f"fixture-{key}", "method": method, "dataset": dataset, "suite": "demo",
-            "backbone": "tiny", "shots": 4, "seed": 1, "config": config, "status": "ok", "top1": top1, "trainable_params": 0,
-            "started_at": T0, "finished_at": T0 + timedelta(minutes=minutes)}
+    """A fixture run named `key`, with the real hash of its config (ingest checks it)."""
+    config = {"method": method, "hparams": {"fixture": key}, "dataset": dataset, "suite": "demo", "shots": 4, "seed": 1}
+    KEYS[config_hash_of(config)] = key
+    return {"config_hash": config_hash_of(config), "run_id": f"fixture-{key}", "method": method, "dataset": dataset,
+            "suite": "demo", "backbone": "tiny", "shots": 4, "seed": 1, "config": config, "status": "ok", "top1": top1,
+            "trainable_params": 0, "started_at": T0, "finished_at": T0 + timedelta(minutes=minutes)}
+
+
+def _hash(key: str) -> str:
+    return _record(key)["config_hash"]
 
 
 def _stored(db: Path) -> list[tuple]:
+    """(fixture name, status, top1) of the stored runs."""
     con = duckdb.connect(str(db), read_only=True)
     try:
-        return con.execute("SELECT config_hash, status, top1 FROM runs ORDER BY config_hash").fetchall()
+        rows = con.execute("SELECT config_hash, status, top1 FROM runs").fetchall()
     finally:
         con.close()
+    return sorted((KEYS.get(h, h), status, top1) for h, status, top1 in rows)
 
 
 def _kept(records: Path, key: str = "h1") -> dict:
-    return json.loads((records / f"{key}.json").read_text())
+    return json.loads((records / f"{_hash(key)}.json").read_text())
 
 
 def _one_line(text: str) -> str:
@@ -84,10 +96,10 @@ def test_locked_database_keeps_the_run_as_a_record(tmp_path, monkeypatch):
             store_or_keep(db, _record("h2", 70.0), records)
     msg = _one_line(str(err.value))
     assert "is locked" in msg and f"PID {holder.pid}" in msg and "Waited 1 s" in msg
-    assert f"kept in {records / 'h2.json'}" in msg and f"harness ingest --db {db} --records {records}" in msg
+    assert f"kept in {records / (_hash('h2') + '.json')}" in msg and f"harness ingest --db {db} --records {records}" in msg
     assert _kept(records, "h2")["top1"] == 70.0
     assert _stored(db) == [("h1", "ok", 61.5)]  # nothing stored behind the lock
-    assert ingest(records, db) == 1  # once the lock is gone, the kept run is stored
+    assert ingest(records, db).stored == 1  # once the lock is gone, the kept run is stored
     assert _stored(db) == [("h1", "ok", 61.5), ("h2", "ok", 70.0)]
 
 
@@ -128,7 +140,7 @@ def test_runs_table_without_primary_key_is_refused_and_repaired(tmp_path):
     assert "has no PRIMARY KEY on config_hash" in msg and f"repair_runs('{db}')" in msg
     assert _kept(records, "h2")["top1"] == 70.0
     assert repair_runs(db) == 1  # the newest attempt of h1 kept
-    assert ingest(records, db) == 1
+    assert ingest(records, db).stored == 1
     assert _stored(db) == [("h1", "ok", 55.0), ("h2", "ok", 70.0)]
 
 
@@ -158,7 +170,7 @@ def test_run_that_cannot_be_kept_either_prints_its_numbers(tmp_path):
         store_or_keep(db, _record("h2", 70.25), records)
     msg = _one_line(str(err.value))
     assert "nor kept as a JSON record" in msg
-    assert "method=coop, dataset=demo_shapes, backbone=tiny, shots=4, seed=1, status=ok, top1=70.25, config_hash=h2" in msg
+    assert f"method=coop, dataset=demo_shapes, backbone=tiny, shots=4, seed=1, status=ok, top1=70.25, config_hash={_hash('h2')}" in msg
 
 
 def test_ctrl_c_while_waiting_for_the_lock_keeps_the_run(tmp_path, monkeypatch):
@@ -199,10 +211,10 @@ def test_report_and_check_on_a_read_only_folder_write_nothing(tmp_path):
 
 def test_ingest_without_record_files_never_opens_the_database(tmp_path):
     db = tmp_path / "h.duckdb"
-    assert ingest(tmp_path / "records", db) == 0  # no folder
+    assert ingest(tmp_path / "records", db).stored == 0  # no folder
     (tmp_path / "records" / "running").mkdir(parents=True)
     (tmp_path / "records" / "plan.json").write_text('{"runs": {}}')
-    assert ingest(tmp_path / "records", db) == 0  # a folder with no record file
+    assert ingest(tmp_path / "records", db).stored == 0  # a folder with no record file
     assert not db.exists()
 
 
@@ -248,21 +260,28 @@ def test_half_generated_demo_folder_is_drawn_again(tmp_path, monkeypatch):
 def test_records_folder_with_truncated_foreign_and_duplicate_files(tmp_path, capsys):
     records, db = tmp_path / "records", tmp_path / "h.duckdb"
     write_record_file(records, _record("h1", 50.0, minutes=0))
-    newer = records / "h1 (copy from node 2).json"  # the same run, finished again later
-    newer.write_text(json.dumps({**json.loads((records / "h1.json").read_text()), "top1": 52.0, "finished_at": "2026-01-01T13:00:00"}))
+    h1 = records / f"{_hash('h1')}.json"
+    same = records / "h1 (copy from node 3).json"  # the same run copied: one run
+    same.write_text(h1.read_text())
+    other = records / "h1 (copy from node 2).json"  # the same config finished again with another number: a finding
+    other.write_text(json.dumps({**json.loads(h1.read_text()), "run_id": "another", "top1": 52.0, "finished_at": "2026-01-01T13:00:00"}))
     write_record_file(records, _record("h2", 60.0))
     (records / "h3.json").write_text(json.dumps({k: str(v) for k, v in _record("h3").items()})[:80])  # truncated
     (records / "notes.json").write_text(json.dumps({"author": "me", "todo": ["more seeds"]}))  # foreign
     (records / "list.json").write_text("[1, 2, 3]")
     (records / "bad_values.json").write_text(json.dumps({**_record("h4"), "top1": "n/a", "started_at": None, "finished_at": None}))
 
-    assert len(read_records(records)) == 3  # h1 (newest), h2, h4: the readers never crash
-    assert ingest(records, db) == 2
+    assert len(read_records(records)) == 3  # h1, h2, h4: the readers never crash
+    result = ingest(records, db)
+    assert (result.stored, result.unchanged, len(result.conflicts)) == (2, 1, 1)
     err = _one_line(capsys.readouterr().err)
     assert f"skipped 4 file(s) in {records}" in err
     assert "h3.json: not readable JSON, probably truncated" in err
     assert "notes.json: valid JSON but not a run record (no config_hash or status)" in err
     assert "list.json: valid JSON but not a run record" in err
-    assert "bad_values.json: a run record with values the database refuses" in err
-    assert _stored(db) == [("h1", "ok", 52.0), ("h2", "ok", 60.0)]  # duplicates are one run, the newest wins
-    assert ingest(records, db) == 2 and _stored(db) == [("h1", "ok", 52.0), ("h2", "ok", 60.0)]
+    assert "bad_values.json: top1 is 'n/a', not a finite percentage in [0, 100]" in err
+    assert "h1 (copy from node 2).json: coop demo_shapes 4-shot seed 1" in err and "says top-1 52.0" in err
+    assert _stored(db) == [("h1", "ok", 50.0), ("h2", "ok", 60.0)]  # the stored run stays; the other is kept aside
+    assert (records / "conflicts" / other.name).is_file() and not other.exists()
+    again = ingest(records, db)
+    assert (again.stored, again.unchanged, again.conflicts) == (0, 3, []) and _stored(db) == [("h1", "ok", 50.0), ("h2", "ok", 60.0)]

@@ -1,0 +1,114 @@
+"""Records from outside a run are checked as strictly as a run of our own: the run-record schema,
+conflicts with stored runs kept aside, and records that belong to one database (issue 21, items 1-2)."""
+
+import json
+
+import duckdb
+import pytest
+from runs import run_method
+
+from harness.cli import run_cli
+from harness.records import ingest, write_record_file
+from harness.store import database_id, write_record
+
+
+@pytest.fixture(scope="module")
+def real_record(tiny, demo_root):
+    """A real zero-shot run's record (what a worker writes)."""
+    record = run_method("zero_shot", "demo_colours", 0, tiny)
+    assert record["status"] == "ok"
+    return record
+
+
+def _text(captured) -> tuple[str, str]:
+    """stdout and stderr with rich's line wrapping undone."""
+    return " ".join(captured.out.split()), " ".join(captured.err.split())
+
+
+def _rows(db):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute("SELECT config_hash, run_id, top1 FROM runs ORDER BY config_hash").fetchall()
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"top1": 250.0}, "top1 is 250.0, not a finite percentage in [0, 100]"),
+    ({"top1": float("nan")}, "top1 is nan, not a finite percentage"),
+    ({"top1": -5}, "top1 is -5, not a finite percentage"),
+    ({"top1": None}, "top1 is missing"),
+    ({"status": "great"}, "status is 'great', not one of ok, failed"),
+    ({"shots": -1}, "shots is -1, not an integer in 0..10000"),
+    ({"seed": "1"}, "seed is '1', not an integer"),
+    ({"method": "../../etc/passwd x"}, "method '../../etc/passwd x' is not a name"),
+    ({"config_hash": "0" * 16}, "is not the hash of the record's own config"),
+    ({"dataset": "demo_shapes"}, "dataset differ between the record and its config"),
+    ({"train_seconds": float("inf")}, "train_seconds is inf, not a finite non-negative number"),
+    ({"error": "x" * 200_000}, "error holds 200,000 characters"),
+])
+def test_ingest_refuses_records_that_break_the_schema(tmp_path, capsys, real_record, change, why):
+    records, db = tmp_path / "records", tmp_path / "h.duckdb"
+    write_record_file(records, {**real_record, **change})
+    result = ingest(records, db)
+    assert result.stored == 0 and len(result.invalid) == 1 and why in result.invalid[0], result.invalid
+    assert why in capsys.readouterr().err
+    assert not db.exists()  # nothing to store: the database was never opened
+
+
+def test_a_deeply_nested_or_huge_file_is_refused_not_a_crash(tmp_path, capsys, real_record):
+    records, db = tmp_path / "records", tmp_path / "h.duckdb"
+    write_record_file(records, real_record)
+    (records / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (records / "huge.json").write_text(json.dumps({"config_hash": "x", "status": "ok", "pad": "x" * 3_000_000}))
+    result = ingest(records, db)
+    assert result.stored == 1
+    assert any("deep.json: JSON nested too deep" in p for p in result.invalid)
+    assert any("huge.json: 3,000,0" in p and "larger than any run record" in p for p in result.invalid)
+    assert run_cli(["check", "--db", str(db), "--baseline", str(tmp_path / "none.csv")]) == 2  # a message, no traceback
+    assert "no baseline" in _text(capsys.readouterr())[1].lower()
+
+
+def test_a_conflicting_record_is_kept_aside_and_a_forced_rerun_replaces(tmp_path, capsys, real_record):
+    records, db = tmp_path / "elsewhere", tmp_path / "h.duckdb"
+    write_record(db, real_record)
+    later = {**real_record, "run_id": "b" * 32, "top1": 99.9, "finished_at": "2030-01-01T00:00:00"}
+    write_record_file(records, later)
+    assert run_cli(["ingest", "--db", str(db), "--records", str(records)]) == 0
+    out, err = _text(capsys.readouterr())
+    assert "0 new run(s)" in out and "1 conflicting (kept aside)" in out
+    assert "says top-1 99.9" in err and f"the stored run {real_record['run_id']}" in err
+    assert _rows(db) == [(real_record["config_hash"], real_record["run_id"], real_record["top1"])]  # never replaced
+    assert (records / "conflicts" / f"{real_record['config_hash']}.json").is_file()
+    # the same number under another run id is the same result: nothing to report
+    write_record_file(records, {**later, "top1": real_record["top1"]})
+    assert ingest(records, db).unchanged == 1
+    # a --force rerun names the run it replaces
+    write_record_file(records, {**later, "replaces": real_record["run_id"]})
+    assert ingest(records, db).stored == 1
+    assert _rows(db) == [(real_record["config_hash"], "b" * 32, 99.9)]
+
+
+def test_a_database_takes_only_its_own_records(tmp_path, capsys, real_record):
+    """Two databases in one folder share its records/ folder: each takes its own on its own; a
+    record for the other waits for an explicit `harness ingest`, which says where it came from."""
+    a, b = tmp_path / "a.duckdb", tmp_path / "b.duckdb"
+    other = {**real_record, "config": {**real_record["config"], "seed": 2}, "seed": 2, "run_id": "c" * 32}
+    from harness.grid import config_hash_of
+
+    other["config_hash"] = config_hash_of(other["config"])
+    write_record(b, other)  # b holds one run of its own
+    records = tmp_path / "records"
+    write_record_file(records, {**real_record, "db_id": database_id(a)})  # a's sweep left a record
+    out = tmp_path / "out"
+    assert run_cli(["report", "--db", str(b), "--out", str(out)]) == 0
+    assert "were made for another database" in _text(capsys.readouterr())[1]
+    assert [r[1] for r in _rows(b)] == ["c" * 32]
+    assert run_cli(["check", "--db", str(b), "--update", "--baseline", str(out / "b.csv")]) == 0
+    assert (out / "b.csv").read_text().count("\n") == 2  # header + b's own run
+    assert run_cli(["report", "--db", str(a), "--out", str(out)]) == 0  # a takes its own record
+    assert [r[1] for r in _rows(a)] == [real_record["run_id"]]
+    capsys.readouterr()
+    assert run_cli(["ingest", "--db", str(b), "--records", str(records)]) == 0  # asked for: imported, and said so
+    assert "made for another database" in _text(capsys.readouterr())[0]
+    assert len(_rows(b)) == 2
