@@ -402,6 +402,7 @@ def check(
     baseline: Path = typer.Option(Path("results/baselines/demo.csv"), help="Baseline CSV to compare with."),
     update: bool = typer.Option(False, "--update", help="Write the current numbers as the new baseline (on purpose only)."),
     tolerance_floor: float = typer.Option(1.0, "--tolerance-floor", help="Smallest tolerance, in absolute top-1 points."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="With --update: write a baseline from a sweep with missing cells."),
 ):
     """Compare mean accuracy over seeds with a baseline; exit 1 on a regression beyond tolerance or a missing entry."""
     from harness.regression import compare, current_numbers, print_report, read_baseline, write_baseline
@@ -411,7 +412,7 @@ def check(
     db_path = paths.db_path(db)
     _ingest_pending(db_path)
     if update:
-        console.print(f"Wrote {write_baseline(db_path, baseline)} entries to {baseline} (mean top-1 over seeds). Commit it with the change that moved the numbers.")
+        console.print(f"Wrote {write_baseline(db_path, baseline, allow_partial)} entries to {baseline} (mean top-1 over seeds). Commit it with the change that moved the numbers.")
         return
     result = compare(current_numbers(db_path), read_baseline(baseline), floor=tolerance_floor)
     print_report(result, baseline, tolerance_floor, console)

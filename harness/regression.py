@@ -15,6 +15,8 @@ regression or missing entry. Entries that are new (not in the baseline) are list
 
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,26 +72,104 @@ def target_numbers(db: Path, runs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def write_baseline(db: Path, baseline: Path) -> int:
+def write_baseline(db: Path, baseline: Path, allow_partial: bool = False) -> int:
+    """Write the current numbers as the baseline; refuse a sweep with missing cells unless asked."""
     frame = current_numbers(db)
+    gaps = missing_cells(frame)
+    if gaps and not allow_partial:
+        shown = "\n  ".join(gaps[:10]) + (f"\n  ... and {len(gaps) - 10} more" if len(gaps) > 10 else "")
+        raise HarnessError(
+            f"The runs in {db} are not a complete grid ({len(gaps)} cell(s) missing or with fewer seeds), so the baseline "
+            f"would stop checking them:\n  {shown}\nFinish the sweep (the same `harness run` command resumes it), or "
+            "pass --allow-partial to write the partial baseline on purpose."
+        )
     baseline.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(baseline, index=False, float_format="%.4f")
     return len(frame)
 
 
 def read_baseline(baseline: Path) -> pd.DataFrame:
+    """The baseline, every value checked: a blank, `n/a` or non-finite mean would switch the gate off
+    for its entry, so any value that is not what its column holds stops the check (exit 2) naming the
+    file, the row (as a spreadsheet numbers it, the header being row 1) and the column."""
     if not baseline.is_file():
         raise HarnessError(
             f"No baseline file at {baseline}. Create it on purpose with `harness check --update --baseline {baseline}` "
             "after a sweep whose numbers you trust, or pass --baseline FILE."
         )
-    frame = pd.read_csv(baseline)
+    raw = baseline.read_bytes()
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        text = raw.decode("utf-8")
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except UnicodeDecodeError:
+        raise HarnessError(f"The baseline {baseline} is not a text CSV file (binary content). Regenerate it with "
+                           "`harness check --update`, or pass the right --baseline.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise HarnessError(f"The baseline {baseline} is not a readable CSV ({str(exc).strip().splitlines()[0]}). "
+                           "Regenerate it with `harness check --update`.") from None
     missing = [c for c in KEY + ["mean"] if c not in frame.columns]
     if missing:
         raise HarnessError(f"The baseline {baseline} lacks column(s) {', '.join(missing)}; regenerate it with `harness check --update`.")
-    for col, default in (("std", 0.0), ("n_seeds", 1)):
-        frame[col] = frame[col].fillna(default) if col in frame.columns else default
-    return frame
+    for col, default in (("std", "0"), ("n_seeds", "1")):
+        frame[col] = frame[col].replace("", default) if col in frame.columns else default
+    out = frame[KEY + ["mean", "std", "n_seeds"]].copy()
+    checks = {"shots": (int, 0, None), "mean": (float, 0, 100), "std": (float, 0, None), "n_seeds": (int, 1, None)}
+    for col, (kind, low, high) in checks.items():
+        values = []
+        for i, value in enumerate(out[col]):
+            number = _parse(value, kind)
+            if number is None or number < low or (high is not None and number > high):
+                span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+                raise HarnessError(
+                    f"The baseline {baseline}, row {i + 2}, column '{col}': {value!r} is not {'an integer' if kind is int else 'a finite number'} "
+                    f"{span}. A baseline entry without a number would not be checked; fix the row or regenerate the file "
+                    "with `harness check --update`."
+                )
+            values.append(number)
+        out[col] = values
+    for col in ("method", "dataset", "backbone"):
+        blank = out.index[out[col].str.strip() == ""]
+        if len(blank):
+            raise HarnessError(f"The baseline {baseline}, row {blank[0] + 2}, column '{col}' is empty.")
+    repeated = out.duplicated(KEY, keep=False)
+    if repeated.any():
+        row = out[repeated].iloc[0]
+        raise HarnessError(f"The baseline {baseline} has {int(repeated.sum())} rows for the same entry (e.g. {row['method']}, "
+                           f"{row['dataset']}, {row['backbone']}, {row['shots']} shots); keep one per entry.")
+    return out
+
+
+def _parse(value: str, kind: type) -> float | int | None:
+    """`value` as `kind` when it is a finite number of that kind, else None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or (kind is int and number != int(number)):
+        return None
+    return int(number) if kind is int else number
+
+
+def missing_cells(current: pd.DataFrame) -> list[str]:
+    """What a sweep lacks to be a complete grid, per backbone: a (method, dataset, shots) cell that
+    other methods have and this one does not, or one with fewer seeds than the most seeded cell
+    (a failed or interrupted run). Protocol targets (`dataset:target`) are left out."""
+    rows = current[~current["dataset"].str.contains(":")]
+    out = []
+    for backbone, group in rows.groupby("backbone"):
+        seeds = group["n_seeds"].max()
+        datasets = sorted(set(group["dataset"]))
+        for method, mine in group.groupby("method"):
+            shots = sorted(set(group.loc[group["shots"] > 0, "shots"])) if (mine["shots"] > 0).any() else [0]
+            have = {(d, k): n for d, k, n in zip(mine["dataset"], mine["shots"], mine["n_seeds"])}
+            for d in datasets:
+                for k in shots:
+                    n = have.get((d, k), 0)
+                    if n < seeds:
+                        out.append(f"{method} {d} {k}-shot {backbone}: {n} of {seeds} seeds")
+    return out
 
 
 def compare(current: pd.DataFrame, baseline: pd.DataFrame, floor: float = DEFAULT_FLOOR, k: float = K_STD) -> CheckResult:

@@ -87,3 +87,38 @@ def test_tolerance_grows_with_the_seed_spread():
     row = compare(now, base, floor=1.0).table.iloc[0]
     assert row.tolerance == pytest.approx(4.0) and row.status == "ok"  # 2 x std 2.0
     assert compare(now, base.assign(std=0.5), floor=1.0).table.iloc[0].status == "regression"
+
+
+GOOD = "method,dataset,backbone,shots,mean,std,n_seeds\nzero_shot,demo_shapes,tiny,0,45.3,0.14,2\n"
+
+
+@pytest.mark.parametrize("content,where", [
+    (GOOD + "coop_ctx4,demo_shapes,tiny,1,,0.1,2\n", "row 3, column 'mean': ''"),
+    (GOOD + "coop_ctx4,demo_shapes,tiny,1,n/a,0.1,2\n", "row 3, column 'mean': 'n/a'"),
+    (GOOD + "coop_ctx4,demo_shapes,tiny,1,nan,0.1,2\n", "row 3, column 'mean': 'nan'"),
+    (GOOD + "coop_ctx4,demo_shapes,tiny,1,130,0.1,2\n", "row 3, column 'mean': '130'"),
+    (GOOD + "coop_ctx4,demo_shapes,tiny,one,55.3,0.1,2\n", "row 3, column 'shots': 'one'"),
+    (GOOD + "coop_ctx4,demo_shapes,tiny,1,55.3,high,2\n", "row 3, column 'std': 'high'"),
+    (GOOD + GOOD.splitlines()[1] + "\n", "has 2 rows for the same entry"),
+    ('method,dataset\n"unterminated,x\n', "not a readable CSV"),
+    ("", "not a readable CSV"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00binary", "not a text CSV file"),
+])
+def test_a_baseline_that_is_not_all_numbers_is_refused_by_row_and_column(db, tmp_path, capsys, content, where):
+    baseline = tmp_path / "bad.csv"
+    baseline.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert check(db, baseline) == 2  # a usage error, never a pass and never a traceback (exit 1 reads as a regression)
+    err = " ".join(capsys.readouterr().err.split())
+    assert where in err and "bad.csv" in err
+
+
+def test_update_refuses_a_partial_sweep_unless_asked(db, tmp_path, capsys):
+    with connect(db) as con:  # an interrupted sweep: one cell lost a seed, another is gone
+        con.execute("DELETE FROM runs WHERE method = 'coop' AND dataset = 'demo_colours' AND shots = 4 AND seed = 2")
+        con.execute("DELETE FROM runs WHERE method = 'clip_lora' AND dataset = 'demo_shapes' AND shots = 1")
+    baseline = tmp_path / "demo.csv"
+    assert check(db, baseline, "--update") == 2 and not baseline.exists()
+    err = " ".join(capsys.readouterr().err.split())
+    assert "2 cell(s) missing or with fewer seeds" in err
+    assert "clip_lora demo_shapes 1-shot tiny: 0 of 2 seeds" in err and "coop_ctx4 demo_colours 4-shot tiny: 1 of 2 seeds" in err
+    assert check(db, baseline, "--update", "--allow-partial") == 0 and baseline.exists()

@@ -125,6 +125,40 @@ def test_bad_split_files_name_the_file_and_the_problem(tmp_path, edit, message):
     assert str(path) in str(info.value)
 
 
+def test_a_split_file_must_hold_the_shots_its_name_says(tmp_path):
+    """A file named 1-shot that holds every training image is refused (class, count, file named);
+    so are repeats, a val subset larger than min(K, 4) and images in both subsets. A class shorter
+    than K may keep all it has or be padded with its own images, as the two samplers do."""
+    folder = make_split_json(tmp_path, per_split=(6, 6, 2))
+    splits = read_dataset(get_card("eurosat"), tmp_path)
+    train_file = folder / "split_fewshot" / "shot_1-seed_1_train.jsonl"
+    val_file = folder / "split_fewshot" / "shot_1-seed_1_val.jsonl"
+    first = {c: [it for it in splits.train if it.label == c] for c in range(3)}
+    one_val = [it for it in splits.val if it.path.endswith("_0.jpg")]
+
+    def refused(train, val, message, path):
+        jsonl(train_file, train, "eurosat/")
+        jsonl(val_file, val, "eurosat/")
+        with pytest.raises(DataError, match=message) as info:
+            read_split_files(splits, tmp_path, 1, 1)
+        assert str(path) in str(info.value)
+
+    refused(splits.train, one_val, r"class 0 \(annual crop\) has 6 training images; a 1-shot training subset holds 1", train_file)
+    refused([first[0][0], first[0][0], first[1][0], first[2][0]], one_val, "has 2 training images, 1 of them repeated", train_file)
+    refused([first[c][0] for c in range(3)], splits.val, r"class 0 \(annual crop\) has 6 val images", val_file)
+    refused([first[c][0] for c in range(3)], [first[0][0], *one_val[1:]], "is also a training image", val_file)
+    # 8 shots where each class has 6 training images: kept whole (Dassl master) or padded to 8 (repeat=True)
+    path = folder / "split_fewshot" / "shot_8-seed_1_train.jsonl"
+    jsonl(path, splits.train, "eurosat/")
+    assert read_split_files(splits, tmp_path, 8, 1)[0].train == splits.train
+    padded = [it for c in range(3) for it in first[c] + first[c][:2]]
+    jsonl(path, padded, "eurosat/")
+    assert len(read_split_files(splits, tmp_path, 8, 1)[0].train) == 24
+    jsonl(path, [it for c in range(3) for it in first[c] + first[c][:1]], "eurosat/")  # 7: neither
+    with pytest.raises(DataError, match="has 7 training images, 1 of them repeated"):
+        read_split_files(splits, tmp_path, 8, 1)
+
+
 def test_run_with_splits_stores_the_files_hash_and_refuses_missing_ones(tmp_path, capsys):
     folder = make_split_json(tmp_path)
     splits = read_dataset(get_card("eurosat"), tmp_path)

@@ -112,6 +112,33 @@ def _items(path: Path, rows: list[dict], splits: DatasetSplits, known: dict[str,
     return items
 
 
+def check_counts(path: Path, items: list[Item], k: int, available: list[Item], classnames: list[str], what: str,
+                 at_most: bool = False) -> None:
+    """Refuse a file whose subset is not the K-shot subset its name says: per class exactly K distinct
+    images (at most K for a val subset); a class with fewer than K images in the dataset either keeps
+    them all (Dassl master) or is padded to K by repeating its own images (CLIP-LoRA's and 2SFS's
+    `repeat=True`). Duplicates anywhere else mean the file was not drawn by either sampler."""
+    per_class: dict[int, list[Item]] = {}
+    for it in items:
+        per_class.setdefault(it.label, []).append(it)
+    have: dict[int, int] = {}
+    for it in available:
+        have[it.label] = have.get(it.label, 0) + 1
+    for label, chosen in sorted(per_class.items()):
+        n, distinct, pool = len(chosen), len(set(chosen)), have.get(label, 0)
+        kept_whole = pool < k and n == distinct == pool
+        padded = pool < k and n == k and distinct == pool
+        exact = n == distinct and (n <= k if at_most else n == k)
+        if not (exact or kept_whole or padded):
+            expected = f"at most {k}" if at_most else f"{k}"
+            repeats = f", {n - distinct} of them repeated" if distinct < n else ""
+            raise DataError(
+                f"Split file {path}: class {label} ({classnames[label]}) has {n} {what} images{repeats}; a {k}-shot "
+                f"{what} subset holds {expected} distinct images per class (the class has {pool} in the dataset; fewer "
+                f"only where it has fewer than {k}). Is the file for this shot count?"
+            )
+
+
 def read_split_files(splits: DatasetSplits, splits_dir: Path, shots: int, seed: int) -> tuple[Manifest, str]:
     """The subset in the files for (dataset, K, seed), validated, and the files' sha256."""
     folder = Path(splits_dir) / splits.card.folder
@@ -140,6 +167,13 @@ def read_split_files(splits: DatasetSplits, splits_dir: Path, shots: int, seed: 
     if missing:
         names = ", ".join(f"{c} ({splits.classnames[c]})" for c in missing[:5])
         raise DataError(f"Split file {files[0]}: no training image for class {names}{' ...' if len(missing) > 5 else ''}.")
+    check_counts(files[0], train, shots, splits.train, splits.classnames, "training")
+    if val:
+        check_counts(files[-1], val, min(shots, 4), splits.val or splits.train, splits.classnames, "val", at_most=True)
+        both = set(train) & set(val)
+        if both:
+            raise DataError(f"Split file {files[-1]}: '{next(iter(both)).path}' is also a training image in {files[0].name} "
+                            f"({len(both)} such images); a val image must be held out.")
     if not val:
         random.seed(seed)
         val = val_from_rest(splits, train, min(shots, 4))
