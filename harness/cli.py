@@ -215,6 +215,19 @@ def _ingest_pending(db_path: Path) -> None:
             ))
 
 
+def _warn_altered(db_path: Path) -> list[str]:
+    """Name the stored runs whose content no longer matches their digest (on stderr); returns them."""
+    from harness.store import altered_rows
+
+    altered, _ = altered_rows(db_path)
+    if altered:
+        Console(stderr=True).print(Text.assemble(
+            ("ALTERED", "bold red"), f" {len(altered)} stored run(s) in {db_path} no longer match the digest written with "
+            f"them (edited after they were stored); their numbers cannot be trusted. Rerun them with --force:\n  "
+            + "\n  ".join(altered)), highlight=False)
+    return altered
+
+
 @app.command()
 def ingest(
     db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
@@ -359,6 +372,7 @@ def report(
     written = render(paths.db_path(db), out)
     for kind, path in written.items():
         console.print(f"{kind:>4}  {path}")
+    _warn_altered(paths.db_path(db))
 
 
 @app.command()
@@ -411,12 +425,16 @@ def check(
         raise HarnessError(f"--tolerance-floor must be >= 0 points, got {tolerance_floor}.")
     db_path = paths.db_path(db)
     _ingest_pending(db_path)
+    altered = _warn_altered(db_path)
+    if altered and update:
+        raise HarnessError(f"{len(altered)} stored run(s) in {db_path} were changed after they were stored; a baseline is "
+                           "not written from them. Rerun them with `harness run ... --force`.")
     if update:
         console.print(f"Wrote {write_baseline(db_path, baseline, allow_partial)} entries to {baseline} (mean top-1 over seeds). Commit it with the change that moved the numbers.")
         return
     result = compare(current_numbers(db_path), read_baseline(baseline), floor=tolerance_floor)
     print_report(result, baseline, tolerance_floor, console)
-    if result.failed:
+    if result.failed or altered:
         raise typer.Exit(1)
 
 

@@ -10,6 +10,7 @@ disk, a `runs` table without its key) becomes a HarnessError that names the caus
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -50,6 +51,7 @@ COLUMNS = {
     "error": "VARCHAR",
     "packages": "VARCHAR",  # versions of the libraries that produced the number
     "protocol": "VARCHAR",  # evaluation protocol; NULL in databases from before protocols: fewshot
+    "digest": "VARCHAR",  # sha256 of the row's content and its evaluations as stored (`row_digest`); NULL: from before digests
 }
 
 
@@ -292,10 +294,41 @@ def insert_record(con: duckdb.DuckDBPyConnection, record: dict, replace: bool = 
                 values = {**{k: e.get(k) for k in EVAL_COLUMNS}, "config_hash": row["config_hash"]}
                 con.execute(f"INSERT INTO evaluations ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
                             list(values.values()))
+        if won:  # sealed as stored: the digest is computed from the database's own representation
+            con.execute("UPDATE runs SET digest = ? WHERE config_hash = ?", [row_digest(con, row["config_hash"]), row["config_hash"]])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+SEALED = [name for name in COLUMNS if name != "digest"]
+
+
+def _canonical(value) -> str:
+    return value.isoformat() if hasattr(value, "isoformat") else repr(value)
+
+
+def row_digest(con: duckdb.DuckDBPyConnection, config_hash: str) -> str:
+    """sha256 over a stored run's columns and its evaluations, as the database returns them."""
+    row = con.execute(f"SELECT {', '.join(SEALED)} FROM runs WHERE config_hash = ?", [config_hash]).fetchone()
+    evaluations = con.execute(
+        f"SELECT {', '.join(EVAL_COLUMNS)} FROM evaluations WHERE config_hash = ? ORDER BY target, dataset", [config_hash]
+    ).fetchall()
+    payload = json.dumps([[_canonical(v) for v in row], [[_canonical(v) for v in e] for e in evaluations]])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def altered_rows(path: Path) -> tuple[list[str], int]:
+    """Runs whose stored content no longer matches the digest written with them (edited after they were
+    stored, by hand or by code), named; and how many rows predate digests (not checkable)."""
+    with connect(path, read_only=True) as con:
+        if "digest" not in {r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'runs'").fetchall()}:
+            return [], con.execute("SELECT count(*) FROM runs").fetchone()[0]
+        rows = con.execute("SELECT config_hash, digest, method, dataset, shots, seed, top1 FROM runs").fetchall()
+        altered = [f"{m} {d} {k}-shot seed {s} (config {h}, top-1 {t})" for h, digest, m, d, k, s, t in rows
+                   if digest is not None and row_digest(con, h) != digest]
+    return altered, sum(1 for r in rows if r[1] is None)
 
 
 def write_record(path: Path, record: dict) -> None:

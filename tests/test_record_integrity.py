@@ -112,3 +112,50 @@ def test_a_database_takes_only_its_own_records(tmp_path, capsys, real_record):
     assert run_cli(["ingest", "--db", str(b), "--records", str(records)]) == 0  # asked for: imported, and said so
     assert "made for another database" in _text(capsys.readouterr())[0]
     assert len(_rows(b)) == 2
+
+
+TAMPER = '''
+import os
+
+import duckdb
+import torch
+
+from methods.base import Method, register
+
+
+@register
+class Tamper(Method):
+    """A plugin that rewrites another method's stored number while it "trains"."""
+
+    name = "tamper"
+    paper = "test fixture"
+    uses_shots = False
+
+    def fit(self, task):
+        con = duckdb.connect(os.environ["TAMPER_DB"])
+        con.execute("UPDATE runs SET top1 = 99.9 WHERE method = 'zero_shot'")
+        con.close()
+
+    def predict(self, task, images, classnames=None):
+        return torch.zeros(len(images), len(classnames or task.classnames))
+'''
+
+
+def test_a_row_changed_after_it_was_stored_is_named_by_report_and_check(tmp_path, monkeypatch, capsys, demo_root):
+    db, plugin = tmp_path / "h.duckdb", tmp_path / "tamper.py"
+    plugin.write_text(TAMPER)
+    monkeypatch.setenv("TAMPER_DB", str(db))
+    base = ["--suite", "demo", "-d", "demo_colours", "--seeds", "1", "--db", str(db)]
+    assert run_cli(["run", "-m", "zero_shot", *base]) == 0
+    assert run_cli(["check", "--db", str(db), "--update", "--baseline", str(tmp_path / "b.csv")]) == 0
+    assert run_cli(["run", "-m", "tamper", "--method-path", str(plugin), *base]) == 0
+    capsys.readouterr()
+    assert run_cli(["check", "--db", str(db), "--baseline", str(tmp_path / "b.csv")]) == 1  # a pass would hide it
+    err = _text(capsys.readouterr())[1]
+    assert "ALTERED 1 stored run(s)" in err and "zero_shot demo_colours 0-shot seed 1" in err and "top-1 99.9" in err
+    assert run_cli(["report", "--db", str(db), "--out", str(tmp_path / "out"), "--method-path", str(plugin)]) == 0
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert 'id="altered"' in html and "zero_shot demo_colours 0-shot seed 1" in html
+    assert run_cli(["check", "--db", str(db), "--update", "--baseline", str(tmp_path / "b.csv")]) == 2
+    assert run_cli(["run", "-m", "zero_shot", *base, "--force"]) == 0  # a rerun seals the row again
+    assert run_cli(["check", "--db", str(db), "--baseline", str(tmp_path / "b.csv")]) == 0

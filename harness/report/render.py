@@ -18,6 +18,7 @@ from harness.report.protocols import protocol_sections
 from harness.report.provenance import provenance
 from harness.report.significance import pair_matrix, prompt_spread, rank_sections
 from harness.report.tables import gap_table, wide_table
+from harness.store import altered_rows
 
 
 def render(db: Path, out: Path) -> dict[str, Path]:
@@ -25,6 +26,7 @@ def render(db: Path, out: Path) -> dict[str, Path]:
     runs, published = load_runs(db)
     if runs.empty:
         raise HarnessError(f"The run database {db} holds no runs yet. Run `harness run ...` first.")
+    altered, _ = altered_rows(db)
     sections_by_protocol = protocol_sections(db, runs)
     every_run = runs
     runs = runs[runs["protocol"] == "fewshot"]  # the leaderboard; the other protocols have their own sections
@@ -70,7 +72,7 @@ def render(db: Path, out: Path) -> dict[str, Path]:
         n_ok=int((every_run.status == 'ok').sum()), n_runs=len(every_run), n_failed=int((every_run.status != 'ok').sum()), superseded=agg.superseded,
         seed_mark=SEED_MARK, data_mark=DATA_MARK, tied_mark=TIED_MARK, db=str(db), version=harness.__version__,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        sources=sorted(published["source"].unique()) if len(published) else [],
+        sources=sorted(published["source"].unique()) if len(published) else [], altered=altered,
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
