@@ -138,6 +138,19 @@ def resolve_hparams(method: str, dataset: str, suite: str, sets: dict, protocol:
     return cls.resolve(validate(method, hp, cls.schema)), dict(overrides)
 
 
+def check_schedule(method: str, hp: dict, dataset: str, shots: int) -> None:
+    """Refuse hyper-parameters that are valid alone but not together: a warm-up that is not shorter
+    than the training it belongs to leaves the whole run at the warm-up learning rate."""
+    epochs = REGISTRY[method].planned_epochs(hp, get_card(dataset), shots)
+    warmup = hp.get("warmup_epochs")
+    if epochs is not None and warmup is not None and warmup >= epochs:
+        raise HarnessError(
+            f"{method} on {dataset}, {shots} shots: warmup_epochs={warmup} is not shorter than the {epochs} epoch(s) this "
+            "config trains (epochs x epoch_scale), so the run would never leave the warm-up learning rate. Lower "
+            "warmup_epochs or train longer."
+        )
+
+
 def build_grid(
     methods: list[str],
     datasets: list[str],
@@ -168,6 +181,7 @@ def build_grid(
                     raise HarnessError(f"{method} on {dataset}: {problem}")
                 method_shots = shots if REGISTRY[method].uses_shots else [0]
                 for k in method_shots:
+                    check_schedule(method, hp, dataset, k)
                     for seed in seeds:
                         files = split_hashes is not None and k > 0
                         grid.append(RunSpec(

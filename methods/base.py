@@ -82,6 +82,12 @@ class Method:
         return "fixed recipe"
 
     @classmethod
+    def planned_epochs(cls, hp: dict, card: DatasetCard, shots: int) -> int | None:
+        """The epochs this config trains for (per stage where a recipe has stages); None where the recipe
+        is not epoch-based. The grid refuses a warm-up that is not shorter than it, before any run."""
+        return None
+
+    @classmethod
     def resolve(cls, hp: dict) -> dict:
         """The validated hyper-parameters with file references replaced by their content, so a run
         is keyed by what it used (e.g. zero-shot's template file), never by a path."""

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.cards import DatasetCard
 from methods.base import ImageSet, Method, Task, register
 from methods.dassl_loop import DASSL_SCHEMA, train_on_features
 from methods.feature_bank import augmented_views
@@ -110,6 +111,10 @@ class CLIPAdapter(Method):
         "augment_views": Param(int, ge=1),
         **DASSL_SCHEMA,
     }
+
+    @classmethod
+    def planned_epochs(cls, hp: dict, card: DatasetCard, shots: int) -> int:
+        return hp["epochs"]
 
     def fit(self, task: Task) -> None:
         hp = self.hp

@@ -93,7 +93,7 @@ class CoCoOp(CoOp):
         hp = self.hp
         self.build(task)
         self.logit_scale = float(task.backbone.model.logit_scale.exp())
-        self.epochs = max(1, round(hp["epochs"] * hp["epoch_scale"]))
+        self.epochs = self.planned_epochs(hp, task.card, task.shots)
         params = [self.prompts.ctx, *self.meta_net.parameters()]
         self.epoch_lrs = dassl_loop.train(task, params, hp, self.epochs, self.forward_backward(task), self.name)
         self.meta_net.eval()

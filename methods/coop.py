@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.backbones import encode_token_embeddings
+from harness.cards import DatasetCard
 from harness.data.images import AUGMENT_DEVIATION, normalize
 from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, register
@@ -109,12 +110,15 @@ class CoOp(Method):
         """The learnable prompt, before training."""
         self.prompts = PromptLearner(task, self.hp["n_ctx"], self.hp["init_std"], self.hp["ctx_init"])
 
+    @classmethod
+    def planned_epochs(cls, hp: dict, card: DatasetCard, shots: int) -> int:
+        return max(1, round((hp["epochs"] or epochs_for_shots(shots)) * hp["epoch_scale"]))
+
     def fit(self, task: Task) -> None:
         hp = self.hp
         self.build(task)
         self.logit_scale = float(task.backbone.model.logit_scale.exp())
-        epochs = hp["epochs"] or epochs_for_shots(task.shots)
-        self.epochs = max(1, round(epochs * hp["epoch_scale"]))
+        self.epochs = self.planned_epochs(hp, task.card, task.shots)
         self.epoch_lrs = dassl_loop.train(task, [self.prompts.ctx], hp, self.epochs, self.forward_backward(task), self.name)
         with torch.no_grad():
             self.text_weights = self.prompts.text_features(task)

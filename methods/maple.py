@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.cards import DatasetCard
 from harness.data.images import normalize
 from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, count_trainable, register
@@ -113,6 +114,10 @@ class MaPLe(Method):
         hp = self.hp
         self.prompts = MultiModalPrompts(task, hp["n_ctx"], hp["ctx_init"], hp["prompt_depth"])
         self.tokens = PromptLearner(task, hp["n_ctx"], 0.02, hp["ctx_init"])
+
+    @classmethod
+    def planned_epochs(cls, hp: dict, card: DatasetCard, shots: int) -> int:
+        return hp["epochs"]
 
     def fit(self, task: Task) -> None:
         hp = self.hp

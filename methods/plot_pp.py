@@ -41,6 +41,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from harness.cards import DatasetCard
 from harness.data.images import normalize
 from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, register
@@ -144,9 +145,14 @@ class PlotPP(Method):
         self.tokens = self.prompt_tokens(task)
         self.logit_scale = float(model.logit_scale.exp())
 
+    @classmethod
+    def planned_epochs(cls, hp: dict, card: DatasetCard, shots: int) -> int:
+        """Per stage (each stage runs its own warm-up and cosine)."""
+        return max(1, round(hp["epochs"] * hp["epoch_scale"]))
+
     def fit(self, task: Task) -> None:
         hp = self.hp
-        epochs = max(1, round(hp["epochs"] * hp["epoch_scale"]))
+        epochs = self.planned_epochs(hp, task.card, task.shots)
         if hp["share_stage1"] and task.seed != 1:  # the released scripts: seed 1's stage 1, as seed 1's own run trains it
             devices = [task.device] if task.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):

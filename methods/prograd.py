@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from harness.cards import DatasetCard
 from methods import dassl_loop
 from methods.base import Task, register
 from methods.coop import CoOp, PromptLearner, epochs_for_shots
@@ -128,14 +129,18 @@ class ProGrad(CoOp):
     def build(self, task: Task) -> None:
         self.prompts = ProGradPrompt(task, self.hp["n_ctx"], self.init_words(task), self.hp["count_init_tokens"])
 
+    @classmethod
+    def planned_epochs(cls, hp: dict, card: DatasetCard, shots: int) -> int:
+        epochs = hp["epochs"] or (50 if card.name == "imagenet" else epochs_for_shots(shots))
+        return max(1, round(epochs * hp["epoch_scale"]))
+
     def fit(self, task: Task) -> None:
         hp = self.hp
         self.lam = hp["lam"] if hp["lam"] is not None else (0.8 if task.card.name in LAMBDA_08 and task.shots >= 8 else 1.0)
         self.teacher_text = task.text_classifier([self.template(task)])
         self.build(task)
         self.logit_scale = float(task.backbone.model.logit_scale.exp())
-        epochs = hp["epochs"] or (50 if task.card.name == "imagenet" else epochs_for_shots(task.shots))
-        self.epochs = max(1, round(epochs * hp["epoch_scale"]))
+        self.epochs = self.planned_epochs(hp, task.card, task.shots)
         self.epoch_lrs = dassl_loop.train(task, [self.prompts.ctx], hp, self.epochs, self.forward_backward(task), self.name)
         with torch.no_grad():
             self.text_weights = self.prompts.text_features(task)

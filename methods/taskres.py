@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.backbones import encode_text
+from harness.cards import DatasetCard
 from methods.base import ImageSet, Method, Task, register
 from methods.dassl_loop import train_on_features
 from methods.feature_bank import augmented_views
@@ -97,6 +98,10 @@ class TaskRes(Method):
         "crop_scale": Param(list, item=float, length=2, gt=0, le=1),
     }
 
+    @classmethod
+    def planned_epochs(cls, hp: dict, card: DatasetCard, shots: int) -> int:
+        return hp["epochs"] or epochs_for_shots(shots)
+
     def init_classifier(self, task: Task) -> None:
         self.base = raw_text_base(task, base_templates(task))
         self.residual = torch.zeros_like(self.base)
@@ -108,7 +113,7 @@ class TaskRes(Method):
         labels = task.train.labels.to(task.device)
         self.residual.requires_grad_(True)
         optimizer = torch.optim.Adam([self.residual], lr=hp["lr"], weight_decay=hp["weight_decay"])
-        self.epochs = hp["epochs"] or epochs_for_shots(task.shots)
+        self.epochs = self.planned_epochs(hp, task.card, task.shots)
 
         def loss_fn(feats, y):
             return F.cross_entropy(residual_logits(feats, self.base, self.residual, hp["alpha"]), y)

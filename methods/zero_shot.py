@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from harness.cards import get_card
 from harness.errors import HarnessError
 from methods.base import ImageSet, Method, Task, register
 from methods.hparams import Param
@@ -55,17 +56,24 @@ class ZeroShot(Method):
     def resolve(cls, hp: dict) -> dict:
         return {**hp, "templates": read_templates(hp["templates"])}
 
-    def fit(self, task: Task) -> None:
+    def templates_for(self, card) -> tuple[str, ...] | list[str]:
         choice = self.hp["templates"]
         if choice == "card":
-            templates = (task.card.template,)
-        elif choice == "ensemble":
-            templates = task.card.ensemble
-        else:  # the templates read from the user's file
-            templates = choice
-        self.templates = templates
-        self.weights = task.text_classifier(templates)
+            return (card.template,)
+        if choice == "ensemble":
+            return card.ensemble
+        return choice  # the templates read from the user's file
+
+    def fit(self, task: Task) -> None:
+        self.templates = self.templates_for(task.card)
+        self.weights = task.text_classifier(self.templates)
 
     def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:
-        weights = self.weights if classnames is None else task.text_classifier(self.templates, classnames=classnames)
+        """Another dataset's classes (cross-dataset) are scored with that dataset's own template(s), as every
+        paper's zero-shot row is; new classes of the same dataset (base-to-new) with its own."""
+        if classnames is None:
+            weights = self.weights
+        else:
+            templates = self.templates_for(get_card(images.dataset)) if images.dataset != task.card.name else self.templates
+            weights = task.text_classifier(templates, classnames=classnames)
         return 100.0 * task.frozen_features(images) @ weights.T

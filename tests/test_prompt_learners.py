@@ -197,7 +197,7 @@ def test_beats_zero_shot_at_16_shots(sixteen_shot, name):
 def test_every_new_method_runs_base_to_new(demo_root, tmp_path):
     db = tmp_path / "b2n.duckdb"
     args = ["run", "--suite", "demo", "-m", ",".join(NEW), "-d", "demo_shapes", "--protocol", "base2new", "--seeds", "1",
-            "--shots", "2", "--db", str(db), "--set", "epochs=1"]
+            "--shots", "2", "--db", str(db), "--set", "epochs=1", "--set", "warmup_epochs=0"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     with duckdb.connect(str(db), read_only=True) as con:

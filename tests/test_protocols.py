@@ -138,6 +138,12 @@ def test_cross_dataset_from_the_demo_source(tmp_path):
     headline = rows[0][7]
     assert headline == pytest.approx((rows[0][3] + rows[2][3]) / 2)  # the targets' mean, not the source
     assert get_protocol("cross_dataset").targets_for("demo_shapes", "demo")[0].name == "demo_shapes"
+    # zero-shot scores each target with the target's own template, as every paper's zero-shot row:
+    # the same number as its own zero-shot run on that dataset
+    assert run_cli(["run", "--suite", "demo", "-m", "zero_shot", "-d", "demo_colours,demo_textures", "--seeds", "1", "--db", str(db)]) == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        own = dict(con.execute("SELECT dataset, top1 FROM runs WHERE protocol = 'fewshot' OR protocol IS NULL").fetchall())
+    assert {r[1]: r[3] for r in rows if r[1] != "demo_shapes"} == pytest.approx(own)
 
 
 def test_a_database_from_before_protocols_still_reports(tmp_path):

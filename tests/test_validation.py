@@ -256,3 +256,19 @@ def test_zero_shot_template_sets_are_separate_runs_keyed_by_content(tmp_path, ca
     assert "Nothing to do" in capsys.readouterr().out
     moved.write_text("no placeholder here\n")
     assert run_cli(base + ["--set", f"templates={moved}"]) == 2
+
+
+@pytest.mark.parametrize("method,sets", [
+    ("cocoop", ["--set", "epochs=1", "--set", "epoch_scale=1"]),
+    ("taskres", ["--set", "warmup_epochs=300"]),
+    ("prograd", ["--set", "epoch_scale=0.001"]),
+    ("plot_pp", ["--set", "warmup_epochs=10"]),
+    ("clap", ["--set", "epochs=1"]),
+])
+def test_a_warm_up_as_long_as_training_is_refused_before_any_run(tmp_path, capsys, method, sets):
+    db = tmp_path / "h.duckdb"
+    args = ["run", "--suite", "demo", "-m", method, "-d", "demo_colours", "--shots", "1", "--seeds", "1", "--db", str(db), *sets]
+    assert run_cli(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{method} on demo_colours, 1 shots: warmup_epochs=" in err and "is not shorter than the" in err
+    assert not db.exists()  # nothing stored, the database not even created
