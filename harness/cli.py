@@ -97,7 +97,7 @@ def run(
     from harness.protocols import check_targets, get_protocol
     from harness.records import default_records_dir, ingest
     from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
-    from harness.store import completed_hashes, database_id, store_or_keep, stored_run_ids
+    from harness.store import completed_hashes, database_id, store_or_keep, stored_ok, stored_run_ids
     from methods import REGISTRY
 
     load_plugins(method_path or [])  # entry points and --method-path files register before any name is resolved
@@ -178,6 +178,8 @@ def run(
             weights_paths=weights_paths,
             device=dev,
             console=console,
+            running_dir=records_dir,  # each run is claimed: a second sweep of the same grid leaves it to this one
+            stored_since=lambda config_hash: stored_ok(db_path, config_hash),
         )
     except KeyboardInterrupt:
         raise HarnessError(
@@ -185,7 +187,15 @@ def run(
             "next run); the run in progress was discarded. "
             "Run the same command again to resume."
         ) from None
+    for folder in (records_dir / "running", records_dir):  # the claims' folders, when nothing else is in them
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
     console.print(f"{result.ok} ok, {result.failed} failed, {result.skipped} skipped (already complete). Database: {db_path}")
+    if result.elsewhere:
+        console.print(f"{len(result.elsewhere)} run(s) were being trained by another process on this grid and were left to "
+                      "it (it stores them); run the same command again once it has finished to check nothing is missing.")
     from harness.published import load_published
 
     try:

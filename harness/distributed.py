@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from harness.errors import HarnessError
 from harness.grid import RunSpec
 from harness.paths import atomic_write_text
 from harness.protocols import get_protocol
-from harness.records import PLAN, completed_in_records, ingest, read_records, write_record_file
+from harness.records import PLAN, completed_in_records, finished_in_sweep, ingest, read_records, write_record_file
 from harness.runner import load_datasets, run_sweep, sweep_progress
 
 
@@ -71,19 +72,22 @@ class ShardJob(submitit.helpers.Checkpointable):
 
     def __init__(self, specs: list[RunSpec], data_root: str, records: str, weights_paths: dict, device: str, threads: int,
                  plugin_files: list[str] | None = None, db_id: str | None = None, sweep_id: str | None = None,
-                 replaces: dict[str, str] | None = None):
+                 replaces: dict[str, str] | None = None, parent_pid: int | None = None):
         self.specs, self.data_root, self.records = specs, data_root, records
         self.weights_paths, self.device, self.threads = weights_paths, device, threads
         self.plugin_files = plugin_files or []  # --method-path files of the planning process (absolute paths)
         # Every record names the database and the sweep it was made for, and a --force rerun the stored
         # run it replaces (config hash -> run id), so the writer can tell it from a conflicting leftover.
         self.db_id, self.sweep_id, self.replaces = db_id, sweep_id, replaces or {}
+        self.parent_pid = parent_pid  # local workers: the planning process, whose death ends them
 
     def stamp(self, record: dict) -> dict:
         replaced = self.replaces.get(record["config_hash"])
         return {**record, "db_id": self.db_id, "sweep_id": self.sweep_id, **({"replaces": replaced} if replaced else {})}
 
     def __call__(self) -> dict:
+        if self.parent_pid:
+            exit_with(self.parent_pid)
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
         check_plugins(self.specs, self.plugin_files)
@@ -99,8 +103,22 @@ class ShardJob(submitit.helpers.Checkpointable):
             device=self.device,
             console=Console(file=sys.stdout, width=120),
             running_dir=records,
+            stored_since=lambda config_hash: finished_in_sweep(records, config_hash, self.sweep_id),
         )
         return {"ok": result.ok, "failed": result.failed, "skipped": result.skipped}
+
+
+def exit_with(pid: int, every: float = 1.0) -> None:
+    """End this worker when process `pid` (the `harness run` that started it) is gone: submitit's local
+    jobs are built to outlive their parent, but a killed sweep must not leave workers training."""
+    from harness.records import process_alive
+
+    def watch():
+        while process_alive(pid):
+            time.sleep(every)
+        os._exit(143)  # the run in flight is lost; its claim is stale and taken over by the next sweep
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def check_plugins(specs: list[RunSpec], plugin_files: list[str]) -> None:
@@ -156,7 +174,8 @@ def submit(
 
     def job_for(specs):
         return ShardJob(specs, str(data_root), str(records), weights_paths, device, threads if kind == "local" else opts.cpus_per_job,
-                        plugin_files, db_id, sweep_id, {s.config_hash: replaces[s.config_hash] for s in specs if s.config_hash in (replaces or {})})
+                        plugin_files, db_id, sweep_id, {s.config_hash: replaces[s.config_hash] for s in specs if s.config_hash in (replaces or {})},
+                        os.getpid() if kind == "local" else None)
 
     if kind == "local":
         for i, specs in enumerate(shards):

@@ -107,6 +107,12 @@ def completed_in_records(records: Path, sweep_id: str | None = None) -> set[str]
             if r.get("status") == "ok" and (sweep_id is None or r.get("sweep_id") == sweep_id)}
 
 
+def finished_in_sweep(records: Path, config_hash: str, sweep_id: str | None) -> bool:
+    """Whether this run's record file holds an ok run of sweep `sweep_id` (one file read)."""
+    record, _ = _read_record(Path(records) / f"{config_hash}.json") if (Path(records) / f"{config_hash}.json").is_file() else (None, "")
+    return record is not None and record.get("status") == "ok" and record.get("sweep_id") == sweep_id
+
+
 @dataclass
 class Ingested:
     """What `ingest` did with the folder's records."""
@@ -196,10 +202,30 @@ def _set_aside(records: Path, name: str) -> Path:
     return target
 
 
-def mark_running(records: Path, config_hash: str, label: str) -> Path:
+def claim_run(records: Path, config_hash: str, label: str) -> Path | None:
+    """Claim a run before starting it: an in-flight marker under `running/`, created only if no live
+    process holds one (exclusive create), so two sweeps of one grid never train the same run twice.
+    Returns the marker (unlink it when the run is stored), or None when another process has the run.
+    A marker left by a process that is gone (same host, dead pid) is taken over."""
     path = Path(records) / "running" / f"{config_hash}.json"
-    atomic_write_text(path, json.dumps({"label": label, "pid": os.getpid(), "host": socket.gethostname()}))
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = json.dumps({"label": label, "pid": os.getpid(), "host": socket.gethostname()}).encode()
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None  # being written by its holder right now
+            if holder.get("host") == socket.gethostname() and not process_alive(holder.get("pid", -1)):
+                path.unlink(missing_ok=True)  # its process is gone: take the run over
+                continue
+            return None
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(info)
+        return path
+    return None
 
 
 def running(records: Path) -> list[dict]:
@@ -211,19 +237,25 @@ def running(records: Path) -> list[dict]:
         except (OSError, ValueError):
             continue
         info["config_hash"] = path.stem
-        info["stale"] = info.get("host") == socket.gethostname() and not _alive(info.get("pid", -1))
+        info["stale"] = info.get("host") == socket.gethostname() and not process_alive(info.get("pid", -1))
         out.append(info)
     return out
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a zombie, killed but not yet reaped, does not)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): signal 0 reached it
 
 
 def sweep_status(records: Path) -> dict:

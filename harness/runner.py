@@ -39,7 +39,7 @@ from harness.errors import DataError, HarnessError
 from harness.evaluate import clean, evaluate
 from harness.grid import RunSpec
 from harness.protocols import base_new_labels, get_protocol, restrict
-from harness.records import mark_running
+from harness.records import claim_run
 from methods import REGISTRY, ImageSet, Task
 from methods.base import Steps
 
@@ -50,6 +50,7 @@ class SweepResult:
     failed: int = 0
     skipped: int = 0
     failures: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)  # runs another process was training: left to it
 
 
 @lru_cache(maxsize=1)
@@ -272,9 +273,12 @@ def run_sweep(
     device: str,
     console: Console,
     running_dir: Path | None = None,
+    stored_since: Callable[[str], bool] = lambda config_hash: False,
 ) -> SweepResult:
     """Run every spec not in `done`, handing each finished record to `store` (the database, or a
-    record file for workers, which then also leave an in-flight marker under `running_dir`)."""
+    record file for workers). With `running_dir`, each run is claimed first (an in-flight marker,
+    `records.claim_run`): a run another process is training is left to it, and one it stored since
+    this sweep started (`stored_since`) is not trained again."""
     result = SweepResult()
     todo = [s for s in grid if s.config_hash not in done]
     result.skipped = len(grid) - len(todo)
@@ -291,32 +295,43 @@ def run_sweep(
     with progress:
         overall = progress.add_task("runs", total=len(todo))
         for i, spec in enumerate(todo, 1):
-            if backbone is None or backbone.name != spec.backbone:
-                progress.update(overall, description=f"loading {spec.backbone}")
-                backbone = load_backbone(spec.backbone, weights_paths.get(spec.backbone), device)
-                test = None
-            splits = datasets[spec.dataset]
-            if test is None or test.dataset != spec.dataset:
-                feature_cache.clear()
-                eval_cache.clear()
-                test = ImageSet(splits.root, spec.dataset, splits.test, backbone.image_size, evaluation=True)
-            progress.update(overall, description=f"run {i}/{len(todo)} {spec.label}")
-            inner = None
+            marker = claim_run(running_dir, spec.config_hash, spec.label) if running_dir else None
+            if running_dir and (marker is None or stored_since(spec.config_hash)):
+                if marker is None:
+                    result.elsewhere.append(spec.label)
+                    progress.console.print(Text.assemble(("elsewhere", "yellow"), f" {spec.label}: another process is running it"))
+                else:  # finished by another process since this sweep started
+                    marker.unlink(missing_ok=True)
+                    result.skipped += 1
+                progress.advance(overall)
+                continue
+            try:
+                if backbone is None or backbone.name != spec.backbone:
+                    progress.update(overall, description=f"loading {spec.backbone}")
+                    backbone = load_backbone(spec.backbone, weights_paths.get(spec.backbone), device)
+                    test = None
+                splits = datasets[spec.dataset]
+                if test is None or test.dataset != spec.dataset:
+                    feature_cache.clear()
+                    eval_cache.clear()
+                    test = ImageSet(splits.root, spec.dataset, splits.test, backbone.image_size, evaluation=True)
+                progress.update(overall, description=f"run {i}/{len(todo)} {spec.label}")
+                inner = None
 
-            def start_steps(total: int, desc: str) -> Steps:
-                nonlocal inner
+                def start_steps(total: int, desc: str) -> Steps:
+                    nonlocal inner
+                    if inner is not None:
+                        progress.remove_task(inner)
+                    inner = progress.add_task(f"  {desc}", total=total)
+                    return Steps(lambda n, t=inner: progress.advance(t, n))
+
+                record = run_one(spec, backbone, splits, test, feature_cache, start_steps, datasets, eval_cache)
                 if inner is not None:
                     progress.remove_task(inner)
-                inner = progress.add_task(f"  {desc}", total=total)
-                return Steps(lambda n, t=inner: progress.advance(t, n))
-
-            marker = mark_running(running_dir, spec.config_hash, spec.label) if running_dir else None
-            record = run_one(spec, backbone, splits, test, feature_cache, start_steps, datasets, eval_cache)
-            if inner is not None:
-                progress.remove_task(inner)
-            store(record)
-            if marker:
-                marker.unlink(missing_ok=True)
+                store(record)
+            finally:
+                if marker:
+                    marker.unlink(missing_ok=True)
             if record["status"] == "ok":
                 result.ok += 1
                 progress.console.print(Text.assemble(("ok", "green"), f" {spec.label}: {headline_text(record)}  "

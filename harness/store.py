@@ -247,6 +247,15 @@ def stored_run_ids(path: Path) -> dict[str, str]:
         return dict(con.execute("SELECT config_hash, run_id FROM runs WHERE status = 'ok'").fetchall())
 
 
+def stored_ok(path: Path, config_hash: str) -> bool:
+    """Whether the database holds an ok run of this config (read-only; for runs another process may
+    have finished since a sweep started)."""
+    if not Path(path).is_file():
+        return False
+    with connect(path, read_only=True) as con:
+        return con.execute("SELECT 1 FROM runs WHERE config_hash = ? AND status = 'ok'", [config_hash]).fetchone() is not None
+
+
 def completed_hashes(path: Path) -> set[str]:
     """Opened for writing on purpose: `harness run` asks first, so a database it could not write to
     (locked, corrupt, read-only folder) stops the sweep before any training, not after it."""
