@@ -119,6 +119,7 @@ def run(
     if weights and len(backbones) > 1:
         raise HarnessError("--weights applies to one backbone; run each backbone with its own --weights.")
     root = paths.data_root(data_root)
+    paths.writable_folder(paths.cache_dir(), "cache folder (set HARNESS_CACHE to move it)")
     targets = [t.dataset for n in names for t in check_targets(evaluation, n, suite) if t.dataset not in names]
     datasets = load_datasets(names + list(dict.fromkeys(targets)), root)  # first: missing data is the likeliest problem
     check_class_sources(datasets)
@@ -363,6 +364,7 @@ def data_manifest(
     if shots < 1:
         raise HarnessError("--shots must be at least 1.")
     check_sampler(sampler)
+    paths.writable_folder(paths.cache_dir(), "cache folder (set HARNESS_CACHE to move it)")
     splits = load_datasets([dataset], paths.data_root(data_root))[dataset]
     print(manifest_for(splits, shots, seed, sampler).to_json())
 
@@ -378,8 +380,14 @@ def report(
     from harness.report import render
 
     load_plugins(method_path or [])  # plugin methods' papers and deviations in the provenance section
+    paths.writable_folder(out, "report folder (--out)")
     _ingest_pending(paths.db_path(db))
-    written = render(paths.db_path(db), out)
+    try:
+        written = render(paths.db_path(db), out)
+    except OSError as exc:
+        if exc.errno not in paths.ENVIRONMENT_ERRNOS:
+            raise
+        raise paths.environment_error(exc, "the report") from None
     for kind, path in written.items():
         console.print(f"{kind:>4}  {path}")
     _warn_altered(paths.db_path(db))

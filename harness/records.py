@@ -263,7 +263,15 @@ def sweep_status(records: Path) -> dict:
     plan_path = Path(records) / PLAN
     if not plan_path.is_file():
         raise HarnessError(f"No distributed sweep found in {records} (no {PLAN}). Start one with `harness run --executor local|slurm`.")
-    plan = json.loads(plan_path.read_text())["runs"]
+    try:
+        plan = json.loads(plan_path.read_text())["runs"]
+        if not isinstance(plan, dict):
+            raise TypeError("runs is not an object")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise HarnessError(
+            f"The sweep plan {plan_path} is damaged ({type(exc).__name__}: {str(exc)[:120]}). It is rewritten when the "
+            "sweep is submitted again: run the same `harness run --executor ...` command (finished runs are kept)."
+        ) from None
     found, problems = scan_records(records)
     warn_skipped(records, problems)
     latest = {h: r for h, r in latest_per_run(found).items() if h in plan}

@@ -38,6 +38,7 @@ from harness.data.splitfiles import read_split_files
 from harness.errors import DataError, HarnessError
 from harness.evaluate import clean, evaluate
 from harness.grid import RunSpec
+from harness.paths import ENVIRONMENT_ERRNOS, environment_error
 from harness.protocols import base_new_labels, get_protocol, restrict
 from harness.records import claim_run
 from methods import REGISTRY, ImageSet, Task
@@ -73,6 +74,8 @@ def git_sha() -> str:
 
 
 def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise HarnessError(f"--device must be auto, cpu or cuda, not '{device}'.")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -237,6 +240,11 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
             record["evaluations"] = evaluations
     except HarnessError:
         raise
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:  # the machine failed (full disk, read-only cache), not the method
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}")
+        else:
+            raise environment_error(exc, "a cache file") from None
     except Exception as exc:  # noqa: BLE001 - a crashing method is a failed run, not a crashed sweep
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}")
     finally:

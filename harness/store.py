@@ -90,6 +90,9 @@ def explain(exc: BaseException, path: Path, read_only: bool = False) -> HarnessE
             f"command writing to it. Waited {lock_wait():g} s ({LOCK_WAIT_ENV}). Wait for it to finish, or use another "
             "file with --db."
         )
+    if code == errno.ENAMETOOLONG or "file name too long" in low:
+        return HarnessError(f"The run database path {path} has a name longer than the file system allows (255 bytes per name). "
+                            "Pass a shorter --db.")
     if code == errno.ENOSPC or "no space left" in low or "disk is full" in low or "disk full" in low:
         return HarnessError(
             f"The disk holding the run database {path} is full ({first}). Free some space, or use --db on another disk."
@@ -307,7 +310,10 @@ def insert_record(con: duckdb.DuckDBPyConnection, record: dict, replace: bool = 
             con.execute("UPDATE runs SET digest = ? WHERE config_hash = ?", [row_digest(con, row["config_hash"]), row["config_hash"]])
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:  # the failure (a full disk, Ctrl-C) already ended the transaction: keep its own error
+            pass
         raise
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from harness.cards import DatasetCard
-from harness.paths import cache_dir
+from harness.paths import ENVIRONMENT_ERRNOS, cache_dir, environment_error, writable_folder
 
 GENERATOR_VERSION = 1
 SIZE = 64
@@ -163,14 +163,8 @@ def draw_image(generator: str, cls: str, rng: np.random.Generator) -> Image.Imag
     return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
 
 
-def generate(card: DatasetCard, root: Path) -> None:
-    """Draw the dataset into a temporary folder, marker last, then move it into place in one rename;
-    a folder without the right marker (a killed run, an older generator) is moved aside and drawn again."""
-    target = root / card.folder
-    if is_complete(card, root):
-        return
-    tmp = root / f".{card.folder}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+def draw_into(card: DatasetCard, folder: Path) -> None:
+    """Every image, the split file, then the marker that says the folder is complete."""
     classes = CLASSNAMES[card.generator]
     rng = np.random.default_rng(zlib.crc32(card.name.encode()) + GENERATOR_VERSION)
     split = {}
@@ -179,12 +173,29 @@ def generate(card: DatasetCard, root: Path) -> None:
         for label, cls in enumerate(classes):
             for k in range(n):
                 rel = f"{cls}/{part}_{k:03d}.png"
-                path = tmp / card.image_dir / rel
+                path = folder / card.image_dir / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 draw_image(card.generator, cls, rng).save(path)
                 split[part].append([rel, label, cls])
-    (tmp / card.split_file).write_text(json.dumps(split))
-    (tmp / MARKER).write_text(fingerprint(card))
+    (folder / card.split_file).write_text(json.dumps(split))
+    (folder / MARKER).write_text(fingerprint(card))
+
+
+def generate(card: DatasetCard, root: Path) -> None:
+    """Draw the dataset into a temporary folder, marker last, then move it into place in one rename;
+    a folder without the right marker (a killed run, an older generator) is moved aside and drawn again."""
+    target = root / card.folder
+    if is_complete(card, root):
+        return
+    tmp = root / f".{card.folder}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        draw_into(card, tmp)
+    except BaseException as exc:  # a full disk, Ctrl-C: leave no half-drawn folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            raise environment_error(exc, "the demo datasets") from None
+        raise
     if target.exists() and not is_complete(card, root):  # half drawn: rename first, so no reader sees it go
         stale = root / f".{card.folder}.{os.getpid()}.stale"
         try:
@@ -199,8 +210,7 @@ def generate(card: DatasetCard, root: Path) -> None:
 
 
 def ensure_demo(cards: list[DatasetCard]) -> Path:
-    root = demo_root()
-    root.mkdir(parents=True, exist_ok=True)
+    root = writable_folder(demo_root(), "demo data folder (under the cache: HARNESS_CACHE)")
     for card in cards:
         generate(card, root)
     return root
