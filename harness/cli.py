@@ -97,7 +97,7 @@ def run(
     from harness.protocols import check_targets, get_protocol
     from harness.records import default_records_dir, ingest
     from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
-    from harness.store import completed_hashes, database_id, store_or_keep, stored_ok, stored_run_ids
+    from harness.store import completed_hashes, database_id, store_or_keep, stored_ok_run, stored_run_ids
     from methods import REGISTRY
 
     load_plugins(method_path or [])  # entry points and --method-path files register before any name is resolved
@@ -158,6 +158,7 @@ def run(
         db_id = database_id(db_path)  # records made for this database carry it
         ingest(records_dir, db_path, db_id)  # runs that workers finished earlier count as complete
     done = set() if force else completed_hashes(db_path)
+    at_start = {} if dry_run else stored_run_ids(db_path)  # a run stored under another id later was finished elsewhere
     if executor != "serial":
         from harness.distributed import ClusterOptions, run_distributed
 
@@ -180,7 +181,7 @@ def run(
             device=dev,
             console=console,
             running_dir=records_dir,  # each run is claimed: a second sweep of the same grid leaves it to this one
-            stored_since=lambda config_hash: stored_ok(db_path, config_hash),
+            stored_since=lambda config_hash: stored_ok_run(db_path, config_hash) not in (None, at_start.get(config_hash)),
         )
     except KeyboardInterrupt:
         raise HarnessError(

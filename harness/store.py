@@ -250,13 +250,14 @@ def stored_run_ids(path: Path) -> dict[str, str]:
         return dict(con.execute("SELECT config_hash, run_id FROM runs WHERE status = 'ok'").fetchall())
 
 
-def stored_ok(path: Path, config_hash: str) -> bool:
-    """Whether the database holds an ok run of this config (read-only; for runs another process may
-    have finished since a sweep started)."""
+def stored_ok_run(path: Path, config_hash: str) -> str | None:
+    """The run id of the stored ok run of this config, or None (read-only; a sweep compares it with
+    what was stored when it started, to skip a run another process finished meanwhile)."""
     if not Path(path).is_file():
-        return False
+        return None
     with connect(path, read_only=True) as con:
-        return con.execute("SELECT 1 FROM runs WHERE config_hash = ? AND status = 'ok'", [config_hash]).fetchone() is not None
+        row = con.execute("SELECT run_id FROM runs WHERE config_hash = ? AND status = 'ok'", [config_hash]).fetchone()
+    return row[0] if row else None
 
 
 def completed_hashes(path: Path) -> set[str]:

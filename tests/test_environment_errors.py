@@ -110,3 +110,16 @@ def test_a_database_write_that_fails_midway_keeps_the_run(tmp_path, monkeypatch,
     assert run_cli(["report", "--db", str(db), "--out", str(tmp_path / "out")]) == 0  # the kept run is ingested
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM runs WHERE status = 'ok'").fetchone() == (1,)
+
+
+def test_a_database_in_a_read_only_folder_stops_before_the_first_run(tmp_path, monkeypatch, capsys, demo_root):
+    """As root chmod does not bite, so the folder's permission check is what is made to fail here."""
+    import os
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if str(path) == str(folder) else real(path, mode, **kw))
+    assert run_cli([*ZERO_SHOT, "--db", str(folder / "h.duckdb")]) == 2
+    out, err = capsys.readouterr()
+    assert "cannot be written" in " ".join(err.split()) and "ok zero_shot" not in out  # nothing trained first
