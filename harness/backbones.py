@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,21 @@ def load_backbone(name: str, weights: str | None = None, device: str | torch.dev
     model = model.to(device).eval().requires_grad_(False)
     size = model.visual.image_size
     return Backbone(name, model, size[0] if isinstance(size, tuple) else size, identity, torch.device(device))
+
+
+@contextmanager
+def without_visual_projection(model: CLIP):
+    """`model.encode_image` returns the image tower's pooled token before CLIP's visual projection
+    (ln_post of the class token on a ViT: 768-d on ViT-B/16) while inside, for methods that learn
+    that projection (ProLIP)."""
+    proj = getattr(model.visual, "proj", None)
+    if proj is None:
+        raise HarnessError("This backbone's image tower has no visual projection matrix (`visual.proj`) to adapt.")
+    model.visual.proj = None
+    try:
+        yield model
+    finally:
+        model.visual.proj = proj
 
 
 def encode_token_embeddings(model: CLIP, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:

@@ -7,3 +7,5 @@ from methods import clip_adapter, taskres, lp_pp, clap  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "ImageSet", "Method", "Task", "register"]
 from methods import cocoop, kgcoop, prograd, maple, plot_pp  # noqa: E402,F401
+from methods import gda  # noqa: E402,F401
+from methods import prolip  # noqa: E402,F401

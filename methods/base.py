@@ -27,7 +27,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import Backbone, encode_text
+from harness.backbones import Backbone, encode_text, without_visual_projection
 from harness.cache import cached_tensor, digest
 from harness.cards import DatasetCard
 from harness.data.images import content_key, decode_items, eval_pixels, normalize
@@ -218,18 +218,23 @@ class Task:
         return cache[key]
 
     @torch.no_grad()
-    def frozen_features(self, images: ImageSet) -> torch.Tensor:
+    def frozen_features(self, images: ImageSet, pre_projection: bool = False) -> torch.Tensor:
         """L2-normalised features of the frozen backbone on the evaluation view (cached per sweep;
-        an evaluation target's in `eval_cache`, which exists only once fit has returned)."""
+        an evaluation target's in `eval_cache`, which exists only once fit has returned). With
+        `pre_projection`: the image tower's raw output before CLIP's visual projection."""
         cache = self.feature_cache
         if images.evaluation:
             if self.eval_cache is None:
                 raise RuntimeError("evaluation images reached a Task during fit(); only predict() may see them")
             cache = self.eval_cache
-        name = f"{images.dataset}/{digest(self.backbone.name, self.backbone.weights, self.precision)}_{images.key}"
+        identity = (self.backbone.name, self.backbone.weights, self.precision) + (("pre-projection",) if pre_projection else ())
+        name = f"{images.dataset}/{digest(*identity)}_{images.key}"
         if name not in cache:
-            feats = cached_tensor("features", name, lambda: self.encode_images(self.backbone.model, images.eval_pixels()))
-            cache[name] = F.normalize(feats.to(self.device), dim=-1)
+            model = self.backbone.model
+            with without_visual_projection(model) if pre_projection else contextlib.nullcontext():
+                feats = cached_tensor("features", name, lambda: self.encode_images(model, images.eval_pixels()))
+            feats = feats.to(self.device)
+            cache[name] = feats.float() if pre_projection else F.normalize(feats, dim=-1)
         return cache[name]
 
     @torch.no_grad()

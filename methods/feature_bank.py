@@ -21,9 +21,11 @@ Returned features are raw (unnormalised), [V, N, D] in train-item order, fp32 on
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 
+from harness.backbones import without_visual_projection
 from harness.cache import cached_tensor, digest
 from harness.data.images import random_resized_crops
 from methods.base import Task
@@ -32,10 +34,11 @@ from methods.base import Task
 VIEWS_CACHE_MB = float(os.environ.get("HARNESS_VIEWS_CACHE_MB", "2048"))
 
 
-def view_key(task: Task, view: int, scale: tuple[float, float], seed: int, flip: bool = True) -> str:
+def view_key(task: Task, view: int, scale: tuple[float, float], seed: int, flip: bool = True, pre_projection: bool = False) -> str:
     """The identity of one encoded view of the task's few-shot subset (file name under the cache's views/)."""
     b = task.backbone
     parts = (b.name, b.weights, task.precision, b.image_size, task.train.key, [float(s) for s in scale], flip, seed, view)
+    parts += ("pre-projection",) if pre_projection else ()
     return f"{task.train.dataset}/{digest('augmented-view', *parts)}"
 
 
@@ -46,18 +49,18 @@ def crop_seed(seed: int, view: int) -> int:
 
 @torch.no_grad()
 def encode_view(task: Task, view: int, scale: tuple[float, float], seed: int, flip: bool = True,
-                batch_size: int = 256) -> torch.Tensor:
-    """One augmented view of every training image (RandomResizedCrop bicubic + flip), raw features [N, D]."""
+                batch_size: int = 256, pre_projection: bool = False) -> torch.Tensor:
+    """One augmented view of every training image (RandomResizedCrop bicubic + flip), raw features [N, D]
+    (before CLIP's visual projection with `pre_projection`: [N, width])."""
     images = task.train_originals()
     out = []
-    with torch.random.fork_rng(devices=[]):  # the crops draw from the CPU generator only; restore it after
-        torch.default_generator.manual_seed(crop_seed(seed, view))
+    model = task.backbone.model
+    with torch.random.fork_rng(devices=[]), (without_visual_projection(model) if pre_projection else nullcontext()):
+        torch.default_generator.manual_seed(crop_seed(seed, view))  # the crops draw from the CPU generator only
         for start in range(0, len(images), batch_size):
             crops = random_resized_crops(images[start : start + batch_size], task.backbone.image_size, scale, flip)
-            out.append(task.encode_images(task.backbone.model, crops, batch_size))
-    if not out:
-        return torch.empty(0, task.backbone.embed_dim, device=task.device)
-    return torch.cat(out)
+            out.append(task.encode_images(model, crops, batch_size))
+    return torch.cat(out) if out else torch.empty(0, task.backbone.embed_dim, device=task.device)
 
 
 def _remember(cache: dict, key: tuple, value: torch.Tensor) -> None:
@@ -68,8 +71,10 @@ def _remember(cache: dict, key: tuple, value: torch.Tensor) -> None:
         del cache[held.pop(0)]
 
 
-def augmented_views(task: Task, n_views: int, scale=(0.5, 1.0), seed: int | None = None, flip: bool = True) -> torch.Tensor:
-    """Raw frozen-encoder features [n_views, N, D] of `n_views` augmented views of task.train.
+def augmented_views(task: Task, n_views: int, scale=(0.5, 1.0), seed: int | None = None, flip: bool = True,
+                    pre_projection: bool = False) -> torch.Tensor:
+    """Raw frozen-encoder features [n_views, N, D] of `n_views` augmented views of task.train (the
+    image tower's output before CLIP's visual projection with `pre_projection`).
 
     `seed` draws the crops (default: the run's seed). Each view comes from memory, else disk, else
     the encoder (then both caches are filled)."""
@@ -78,12 +83,12 @@ def augmented_views(task: Task, n_views: int, scale=(0.5, 1.0), seed: int | None
     cache = task.feature_cache
     views = []
     for v in range(n_views):
-        name = view_key(task, v, scale, seed, flip)
+        name = view_key(task, v, scale, seed, flip, pre_projection)
         key = ("view", name, str(task.device))
         if key in cache:
             cache[key] = cache.pop(key)  # most recently used last
         else:
-            feats = cached_tensor("views", name, lambda v=v: encode_view(task, v, scale, seed, flip))
+            feats = cached_tensor("views", name, lambda v=v: encode_view(task, v, scale, seed, flip, pre_projection=pre_projection))
             _remember(cache, key, feats.to(task.device).float())
         views.append(cache[key])
     if not views:
