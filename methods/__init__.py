@@ -9,3 +9,5 @@ __all__ = ["REGISTRY", "ImageSet", "Method", "Task", "register"]
 from methods import cocoop, kgcoop, prograd, maple, plot_pp  # noqa: E402,F401
 from methods import gda  # noqa: E402,F401
 from methods import prolip  # noqa: E402,F401
+from methods import clip_svd  # noqa: E402,F401
+from methods import two_sfs  # noqa: E402,F401

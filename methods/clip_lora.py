@@ -137,6 +137,22 @@ class CLIPLoRA(Method):
         hp = self.hp
         return lora_factory(int(hp["r"]), float(hp["alpha"]), float(hp["dropout"]))
 
+    # What a method that trains inside the encoders with this loop changes (CLIP-SVD, 2SFS):
+    def build_model(self, task: Task, encoders: tuple[str, ...]) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+        """A copy of the backbone to train (task.backbone.model is shared by the sweep's runs and must
+        stay untouched) and its trainable parameters."""
+        return adapted_copy(task.backbone.model, self.make_adapter_factory(), encoders, parse_params(self.hp["params"]))
+
+    def prompt(self, task: Task) -> str:
+        return self.hp["template"]
+
+    def total_steps(self, task: Task) -> int:
+        return int(self.hp["steps_per_shot"]) * task.shots
+
+    def merge(self) -> None:
+        """Fold what was learned into plain weights for evaluation (no adapter overhead)."""
+        merge_adapters(self.model)
+
     def fit(self, task: Task) -> None:
         state = self.start_training(task)
         steps = task.start_steps(state.total, f"{self.name} steps")
@@ -151,15 +167,15 @@ class CLIPLoRA(Method):
         if hp["encoders"] not in ENCODERS:
             raise ValueError(f"encoders must be one of {', '.join(ENCODERS)}, not '{hp['encoders']}'.")
         encoders = ENCODERS[hp["encoders"]]
-        # A copy: task.backbone.model is shared by every run of the sweep and must stay untouched.
-        self.model, params = adapted_copy(task.backbone.model, self.make_adapter_factory(), encoders, parse_params(hp["params"]))
+        self.model, params = self.build_model(task, encoders)
         self.n_trainable = sum(p.numel() for p in params)
-        self.tokens = task.backbone.tokenize([hp["template"].format(c) for c in task.classnames])
+        self.template = self.prompt(task)
+        self.tokens = task.backbone.tokenize([self.template.format(c) for c in task.classnames])
 
         # decoded once, kept on the device (and shared by the sweep's runs on the same few-shot set)
         images = task.train_originals(hp["max_short_side"])
         labels = task.train.labels.to(task.device)
-        total = int(hp["steps_per_shot"]) * task.shots
+        total = self.total_steps(task)
         optimizer = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]), betas=tuple(hp["betas"]))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=float(hp["min_lr"]))
 
@@ -205,13 +221,13 @@ class CLIPLoRA(Method):
     def finish_training(self, state: "LoRATraining") -> None:
         state.guard.close()
         self.model.eval()
-        merge_adapters(self.model)  # the last step is evaluated, with no adapter overhead
+        self.merge()  # the last step is evaluated
 
     @torch.no_grad()
     def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:
-        merge_adapters(self.model)
+        self.merge()
         self.model.eval()
-        tokens = self.tokens if classnames is None else task.backbone.tokenize([self.hp["template"].format(c) for c in classnames])
+        tokens = self.tokens if classnames is None else task.backbone.tokenize([self.template.format(c) for c in classnames])
         with task.autocast():
             text = F.normalize(encode_text(self.model, tokens).float(), dim=-1)
         feats = F.normalize(task.encode_images(self.model, images.eval_pixels()), dim=-1)

@@ -1,6 +1,8 @@
 """The 2025 frontier methods (GDA, ProLIP, CLIP-SVD, 2SFS): each mechanism pinned against an
 independent computation, parameter counts on the real ViT-B/16 architecture, and demo runs."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from test_linear_probes import make_task
 from harness.backbones import build_architecture
 from harness.cards import get_card
 from methods import REGISTRY
+from methods.base import Steps
 from methods.gda import ALPHAS, gaussian_classifier
 from methods.prolip import prolip_logits, prolip_loss
 
@@ -74,6 +77,71 @@ def test_prolip_trains_the_visual_projection_of_vit_b16():
 
 @pytest.mark.parametrize("method", ["gda", "prolip"])
 def test_frontier_methods_beat_zero_shot_on_the_demo_at_16_shots(tiny, demo_root, method):
+    ours = [run_method(method, d, 16, tiny) for d in DEMO]
+    zero = [run_method("zero_shot", d, 0, tiny) for d in DEMO]
+    assert all(r["status"] == "ok" for r in ours), [r.get("error") for r in ours]
+    assert sum(r["top1"] for r in ours) / 3 >= sum(r["top1"] for r in zero) / 3 + 5
+
+
+def _counting_task(backbone, shots=2):
+    task = make_task(backbone, shots=shots)
+    task.stages = []
+    task.start_steps = lambda total, desc: task.stages.append((desc, total)) or Steps()
+    return task
+
+
+def test_clip_svd_is_clip_at_init_and_trains_only_singular_values(random_tiny, demo_root):
+    from methods.clip_svd import singular_value_count
+
+    assert singular_value_count(build_architecture("ViT-B-16")) == 92_160  # 12 x 6 x 768 + 12 x 6 x 512
+    task = make_task(random_tiny, shots=2)
+    method = REGISTRY["clip_svd"](steps_per_shot=3)
+    state = method.start_training(task)
+    pixels = torch.rand(2, 3, random_tiny.image_size, random_tiny.image_size)
+    tokens = random_tiny.tokenize(["a photo of a cat.", "a dog"])
+    with torch.no_grad():  # U diag(s) V^T rebuilds every weight: the model is CLIP's own
+        torch.testing.assert_close(method.model.encode_image(pixels), random_tiny.model.encode_image(pixels), rtol=0, atol=1e-4)
+        torch.testing.assert_close(method.model.encode_text(tokens), random_tiny.model.encode_text(tokens), rtol=0, atol=1e-4)
+    assert method.n_trainable == singular_value_count(random_tiny.model)
+    frozen = {n: b.clone() for n, b in method.model.named_buffers() if ".u" in n or ".vh" in n}
+    before = [p.detach().clone() for p in state.optimizer.param_groups[0]["params"]]
+    for step in range(state.total):
+        method.train_step(task, state, step)
+    after = state.optimizer.param_groups[0]["params"]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the singular values moved
+    assert all(torch.equal(b, dict(method.model.named_buffers())[n]) for n, b in frozen.items())  # U, V did not
+    method.finish_training(state)
+    bias = dict(method.model.named_parameters())["transformer.resblocks.0.mlp.c_fc.bias"]
+    assert torch.equal(bias, dict(random_tiny.model.named_parameters())["transformer.resblocks.0.mlp.c_fc.bias"])
+
+
+def test_two_sfs_switches_stages_at_sixty_percent_and_scores_new_classes_by_text(random_tiny, demo_root):
+    from methods.two_sfs import layernorms
+
+    vit = build_architecture("ViT-B-16")
+    assert sum(p.numel() for m in layernorms(vit) for p in m.parameters()) == 61_440  # as released
+    assert sum(p.numel() for m in layernorms(vit, outer=True) for p in m.parameters()) == 65_536
+    method = REGISTRY["two_sfs"]()
+    assert method.stage_iterations(SimpleNamespace(shots=16)) == (2880, 1920)  # 60 % of 300 x 16
+    assert method.stage_iterations(SimpleNamespace(shots=1)) == (180, 120)
+    task = _counting_task(random_tiny, shots=2)
+    method = REGISTRY["two_sfs"](iterations_per_shot=5)
+    original = {n: p.detach().clone() for n, p in random_tiny.model.named_parameters()}
+    method.fit(task)
+    assert task.stages == [("two_sfs steps", 6), ("two_sfs stage 2", 4)]
+    changed = {n for n, p in method.model.named_parameters() if not torch.equal(p, original[n])}
+    assert changed and all(".ln_1." in n or ".ln_2." in n for n in changed)  # stage 1: only the blocks' LayerNorms
+    assert method.trainable_parameters() == sum(p.numel() for m in layernorms(random_tiny.model) for p in m.parameters()) + method.head.numel()
+    seen, unseen = task.classnames[1], "an unseen thing"
+    rows = method.class_rows(task, [seen, unseen])
+    torch.testing.assert_close(rows[0], method.head[1])  # a trained class: its head row
+    with torch.no_grad():
+        text = F.normalize(method.model.encode_text(random_tiny.tokenize([f"a photo of a {unseen}."])), dim=-1)[0]
+    torch.testing.assert_close(rows[1], text, rtol=0, atol=1e-5)  # a new class: the adapted text encoder
+
+
+@pytest.mark.parametrize("method", ["clip_svd", "two_sfs"])
+def test_encoder_methods_beat_zero_shot_on_the_demo_at_16_shots(tiny, demo_root, method):
     ours = [run_method(method, d, 16, tiny) for d in DEMO]
     zero = [run_method("zero_shot", d, 0, tiny) for d in DEMO]
     assert all(r["status"] == "ok" for r in ours), [r.get("error") for r in ours]
