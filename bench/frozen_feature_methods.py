@@ -1,4 +1,4 @@
-"""Runs per minute of the frozen-feature methods (CLIP-Adapter, TaskRes, LP++, CLAP) on the demo suite,
+"""Runs per minute of the frozen-feature methods (CLIP-Adapter, TaskRes, LP++, CLAP, GDA, ProLIP) on the demo suite,
 with the bank of encoded augmented views cold and warm.
 
 Every run goes through the real runner (`run_one`, demo-suite overrides included), one process:
@@ -25,7 +25,7 @@ from pathlib import Path
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.frozen_feature_methods", description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="clip_adapter,taskres,lp_pp,clap")
+    p.add_argument("--methods", default="clip_adapter,taskres,lp_pp,clap,gda,prolip")
     p.add_argument("--shots", default="1,16")
     p.add_argument("--seeds", default="1")
     p.add_argument("--backbone", default="tiny")

@@ -148,15 +148,17 @@ class TwoSFS(CLIPLoRA):
     def class_rows(self, task: Task, classnames: list[str] | None) -> torch.Tensor:
         """Selective inference: the head's row for a class it was trained on, the adapted text
         encoder's prompt feature for any other class."""
-        if classnames is None:
-            return self.head
-        missing = [c for c in classnames if c not in task.classnames]
+        head = getattr(self, "head", None)  # None before stage 2 (a benchmark of stage 1's step): all from text
+        if classnames is None and head is not None:
+            return head
+        classnames = task.classnames if classnames is None else classnames
+        missing = [c for c in classnames if head is None or c not in task.classnames]
         text = {}
         if missing:
             tokens = task.backbone.tokenize([self.template.format(c) for c in missing])
             with task.autocast():
                 text = dict(zip(missing, F.normalize(encode_text(self.model, tokens).float(), dim=-1)))
-        return torch.stack([text[c] if c in text else self.head[task.classnames.index(c)] for c in classnames])
+        return torch.stack([text[c] if c in text else head[task.classnames.index(c)] for c in classnames])
 
     @torch.no_grad()
     def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:
