@@ -1,4 +1,4 @@
-"""GDA: Wang, Lian, Li, Chen, Zhou, Zhao, "A Hard-to-Beat Baseline for Training-free CLIP-based
+"""GDA: Wang, Liang, Sheng, He, Wang, Tan, "A Hard-to-Beat Baseline for Training-free CLIP-based
 Adaptation", ICLR 2024. Follows mrflogs/ICLR24@560fe21 (`main_few_shots.py`, `utils.py`,
 `configs/few_shots/*.yaml`); training-free Gaussian discriminant analysis on cached features.
 

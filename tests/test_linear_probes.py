@@ -239,9 +239,9 @@ def test_feature_bank_is_shared_and_keyed_by_what_changes_the_views(random_tiny,
     calls = []
     real = bank.encode_view
 
-    def counting(task, view, scale, seed, flip=True, batch_size=256):
+    def counting(task, view, scale, seed, flip=True, **kw):
         calls.append((view, scale, seed))
-        return real(task, view, scale, seed, flip, batch_size)
+        return real(task, view, scale, seed, flip, **kw)
 
     monkeypatch.setattr(bank, "encode_view", counting)
     task = make_task(random_tiny, shots=1, seed=3)
