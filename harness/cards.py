@@ -6,6 +6,7 @@ The cards live in the repository's `datasets/` folder, installed as the data-onl
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -87,10 +88,12 @@ def suite_cards(suite: str) -> list[DatasetCard]:
 
 
 def get_card(name: str) -> DatasetCard:
+    """The card of a dataset name as typed (`oxford-pets` is `oxford_pets`), or a HarnessError that
+    suggests the closest names."""
     cards = all_cards()
-    if name not in cards:
-        raise HarnessError(
-            f"Unknown dataset '{name}'. Known datasets: {', '.join(cards)}. "
-            "See `harness list datasets`."
-        )
-    return cards[name]
+    norm = name.strip().lower().replace("-", "_")
+    if norm not in cards:
+        close = difflib.get_close_matches(norm, list(cards), n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise HarnessError(f"Unknown dataset '{name}'.{hint} Known datasets: {', '.join(cards)}. See `harness list datasets`.")
+    return cards[norm]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -62,12 +63,12 @@ def run(
     dataset: Optional[list[str]] = typer.Option(None, "-d", "--dataset", help="Dataset name(s), comma-separated."),
     all_datasets: bool = typer.Option(False, "--all-datasets", help="Every dataset of the suite."),
     suite: str = typer.Option("standard", help="standard (the 11 CoOp datasets) or demo (generated)."),
-    shots: Optional[str] = typer.Option(None, help="Shot counts [default 1,2,4,8,16; the protocol's own (16) for the others]."),
+    shots: Optional[str] = typer.Option(None, help="Shot counts (default 1,2,4,8,16; the protocol's own (16) for the others)."),
     seeds: str = typer.Option("1,2,3", help="Seeds."),
     backbone: Optional[list[str]] = typer.Option(None, "-b", "--backbone", help="Backbone(s); default ViT-B-16 (demo: tiny)."),
     weights: Optional[str] = typer.Option(None, help="Local checkpoint for the backbone (OpenAI .pt or open_clip file)."),
-    data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout [env HARNESS_DATA_ROOT, default ./data]."),
-    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
+    data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout (env HARNESS_DATA_ROOT, default ./data)."),
+    db: Optional[Path] = typer.Option(None, help="Run database (env HARNESS_DB, default results/harness.duckdb)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Hyper-parameter override KEY=VALUE, repeatable."),
     protocol: str = typer.Option("fewshot", help="fewshot, base2new, cross_dataset or domain_shift (datasets/_protocols.yaml)."),
     sampler: str = typer.Option("coop", help="Few-shot sampling protocol: coop (CoOp/Dassl) or clip_lora (CLIP-LoRA's code)."),
@@ -78,7 +79,7 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid (and the jobs, with --executor) and exit."),
     executor: str = typer.Option("serial", help="serial (this process), local (N worker processes, one per GPU) or slurm."),
     jobs: int = typer.Option(1, "--jobs", help="Number of worker jobs for --executor local/slurm."),
-    records: Optional[Path] = typer.Option(None, help="Folder for workers' run records [default: records/ beside the database]; shared storage on a cluster."),
+    records: Optional[Path] = typer.Option(None, help="Folder for workers' run records (default records/ beside the database); shared storage on a cluster."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the jobs and ingest their records (slurm: --no-wait returns after submitting)."),
     partition: Optional[str] = typer.Option(None, help="SLURM partition."),
     gpus_per_job: int = typer.Option(1, help="SLURM: GPUs per job."),
@@ -92,7 +93,7 @@ def run(
     """Run methods over datasets, shots and seeds; store every run in DuckDB."""
     from harness.backbones import resolve_weights
     from harness.cards import get_card, suite_cards, suites
-    from harness.grid import build_grid, check_grid, method_class, parse_sets
+    from harness.grid import build_grid, canonical_method, check_grid, parse_sets
     from harness.plugins import load_plugins, loaded_files
     from harness.protocols import check_targets, get_protocol
     from harness.records import default_records_dir, ingest
@@ -101,17 +102,16 @@ def run(
     from methods import REGISTRY
 
     load_plugins(method_path or [])  # entry points and --method-path files register before any name is resolved
-    methods = list(REGISTRY) if all_methods else list(dict.fromkeys(_split(method)))
+    # an unknown method is refused before any data is read; `tip-adapter` is tip_adapter, coop_ctx4 a paper variant
+    methods = list(REGISTRY) if all_methods else list(dict.fromkeys(canonical_method(m) for m in _split(method)))
     if not methods:
         raise HarnessError("Name a method with -m/--method NAME (see `harness list methods`) or pass --all-methods.")
-    for name in methods:
-        method_class(name)  # an unknown method is refused before any data is read
     suite_cards(suite)  # an unknown suite is refused by name
     evaluation = get_protocol(protocol)
     names = evaluation.datasets(suite, [c.name for c in suite_cards(suite)] if all_datasets else _split(dataset))
     if not names:
         raise HarnessError(f"Name a dataset with -d/--dataset NAME or pass --all-datasets (suite '{suite}').")
-    names = list(dict.fromkeys(names))
+    names = list(dict.fromkeys(get_card(n).name for n in names))  # `oxford-pets` is oxford_pets
     for name in names:
         if get_card(name).suite != suite:
             raise HarnessError(f"Dataset '{name}' belongs to the {get_card(name).suite} suite, not '{suite}': pass --suite {get_card(name).suite}.")
@@ -148,9 +148,15 @@ def run(
     if executor not in ("serial", "local", "slurm"):
         raise HarnessError(f"--executor must be serial, local or slurm, not '{executor}'.")
     if dry_run and executor == "serial":
-        table = Table("#", "method", "dataset", "backbone", "shots", "seed", "config hash", title=f"{len(grid)} runs")
+        from harness.published import display_name
+
+        stored = stored_run_ids(db_path)  # read-only; nothing is created by a dry run
+        done_already = sum(spec.config_hash in stored for spec in grid)
+        table = Table("#", "method", "dataset", "backbone", "shots", "seed", "config hash", "stored",
+                      title=f"{len(grid)} runs, {done_already} already stored (skipped unless --force)")
         for i, spec in enumerate(grid, 1):
-            table.add_row(str(i), spec.method, spec.dataset, spec.backbone, str(spec.shots), str(spec.seed), spec.config_hash)
+            table.add_row(str(i), display_name(spec.method, spec.config), spec.dataset, spec.backbone, str(spec.shots),
+                          str(spec.seed), spec.config_hash, "yes" if spec.config_hash in stored else "")
         console.print(table)
         return
     db_id = None
@@ -242,8 +248,8 @@ def _warn_altered(db_path: Path) -> list[str]:
 
 @app.command()
 def ingest(
-    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
-    records: Optional[Path] = typer.Option(None, help="Records folder [default: records/ beside the database]."),
+    db: Optional[Path] = typer.Option(None, help="Run database (env HARNESS_DB, default results/harness.duckdb)."),
+    records: Optional[Path] = typer.Option(None, help="Records folder (default records/ beside the database)."),
 ):
     """Load run records into the database, also those made for another one (idempotent; a record that
     disagrees with a stored run is kept aside and named, never stored over it)."""
@@ -265,13 +271,18 @@ def ingest(
 
 @app.command()
 def status(
-    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
-    records: Optional[Path] = typer.Option(None, help="Records folder [default: records/ beside the database]."),
+    db: Optional[Path] = typer.Option(None, help="Run database (env HARNESS_DB, default results/harness.duckdb)."),
+    records: Optional[Path] = typer.Option(None, help="Records folder (default records/ beside the database)."),
 ):
-    """Progress of the last distributed sweep: done / failed / running / pending, from the record files."""
-    from harness.records import default_records_dir, sweep_status
+    """Progress of the last distributed sweep (done / failed / running / pending, from the record files),
+    or, without one, what the database holds."""
+    from harness.records import PLAN, default_records_dir, sweep_status
 
-    folder = records or default_records_dir(paths.db_path(db))
+    db_path = paths.db_path(db)
+    folder = records or default_records_dir(db_path)
+    if not (folder / PLAN).is_file() and records is None:
+        _describe_database(db_path, folder)
+        return
     state = sweep_status(folder)
     table = Table("done", "failed", "running", "pending", "total", title=f"sweep in {folder}")
     table.add_row(*(str(state[k]) for k in ("done", "failed", "running", "pending", "total")))
@@ -282,9 +293,28 @@ def status(
         console.print(Text.assemble(("failed", "red"), f" {label}: {error}"))
 
 
+def _describe_database(db_path: Path, folder: Path) -> None:
+    """Runs stored per suite, backbone and protocol (ok / failed, last finished): `status` without a sweep."""
+    from harness.store import runs_frame
+
+    if not db_path.is_file():
+        raise HarnessError(f"No run database at {db_path} and no distributed sweep in {folder}. Start with `harness run ...` "
+                           "(--db PATH for another database, --records DIR for a sweep's records).")
+    runs = runs_frame(db_path)
+    runs["protocol"] = runs["protocol"].fillna("fewshot")
+    table = Table("suite", "backbone", "protocol", "methods", "ok", "failed", "last finished (UTC)", title=f"runs in {db_path}")
+    for (suite, backbone, protocol), group in runs.groupby(["suite", "backbone", "protocol"]):
+        last = group["finished_at"].max()
+        table.add_row(str(suite), str(backbone), protocol, str(group["method"].nunique()), str(int((group.status == "ok").sum())),
+                      str(int((group.status != "ok").sum())), "" if pd.isna(last) else f"{last:%Y-%m-%d %H:%M}")
+    console.print(table)
+    console.print(f"No distributed sweep in {folder} (no {folder.name}/plan.json): this is what the database holds.")
+
+
 @app.command("list")
 def list_(
     what: str = typer.Argument(..., help="methods, datasets or backbones"),
+    name: Optional[str] = typer.Argument(None, help="With methods: one method's whole record (paper, code, deviations, defaults)."),
     method_path: Optional[list[Path]] = typer.Option(None, "--method-path", help="A .py file that registers a method (see README \"Add your method\"), repeatable."),
 ):
     """List registered methods (built-in and plugins), dataset cards or backbones."""
@@ -293,17 +323,28 @@ def list_(
     from methods import REGISTRY
 
     if what == "methods":
+        from harness.grid import method_and_variant
         from harness.plugins import ORIGINS, load_plugins
         from harness.published import VARIANTS
 
         load_plugins(method_path or [])
-        table = Table("method", "paper", "official code followed", "known deviations", "defaults", show_lines=True)
+        if name:
+            method, variant = method_and_variant(name)
+            console.print(method_record(REGISTRY[method], variant, ORIGINS.get(method)))
+            return
+        table = Table(title="`harness list methods NAME` shows one method's whole record", caption="closed-set: few-shot and "
+                      "domain shift; base-to-new's new classes and cross-dataset targets are not applicable")
+        for column in ("method", "family", "paper", "protocols"):
+            table.add_column(column, no_wrap=True)
+        room = max(20, console.width - 13 - 36 - 10 - 13)  # one line per method: the paper is cut to the terminal
+
+        def cut(text: str, width: int) -> str:
+            return text if len(text) <= width else text[: width - 1] + "\u2026"
+
         for cls in REGISTRY.values():
-            paper = Text(cls.paper) + (Text(f"\n{ORIGINS[cls.name]}", style="dim") if cls.name in ORIGINS else Text(""))
-            table.add_row(cls.name, paper, cls.source, cls.deviations, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
-        for label, (name, hparams) in VARIANTS.items():
-            sets = " ".join(f"--set '{k}={v}'" for k, v in hparams.items())
-            table.add_row(label, f"paper variant of {name}", "as its method", "as its method", f"harness run -m {name} {sets}")
+            table.add_row(cls.name, cut(cls.family, 36), cut(cls.paper, room), protocols_of(cls))
+        for label, (base, _) in VARIANTS.items():
+            table.add_row(label, cut(REGISTRY[base].family, 36), f"paper variant of {base}", protocols_of(REGISTRY[base]))
     elif what == "datasets":
         table = Table("dataset", "suite", "folder", "classes", "test", "template")
         for card in all_cards().values():
@@ -318,9 +359,28 @@ def list_(
     console.print(table)
 
 
+def protocols_of(cls) -> str:
+    """Where a method's numbers mean something: every protocol for an open-vocabulary method; a
+    class-specific one scores no new class (base-to-new's new half, cross-dataset targets: n/a)."""
+    return "all four" if cls.open_vocabulary else "closed-set"
+
+
+def method_record(cls, variant: dict, origin: str | None) -> Table:
+    """One method's whole record, as `harness list methods NAME` prints it."""
+    table = Table(show_header=False, show_lines=True, title=cls.name + (f" ({', '.join(f'{k}={v}' for k, v in variant.items())})" if variant else ""))
+    rows = [("family", cls.family), ("paper", cls.paper), ("official code followed", cls.source),
+            ("known deviations", cls.deviations), ("protocols", protocols_of(cls)),
+            ("defaults", ", ".join(f"{k}={v}" for k, v in {**cls.defaults, **variant}.items()) or "none")]
+    if origin:
+        rows.append(("plugin", origin))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
 @data_app.command("check")
 def data_check(
-    data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout [env HARNESS_DATA_ROOT, default ./data]."),
+    data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout (env HARNESS_DATA_ROOT, default ./data)."),
     suite: str = typer.Option("standard", help="standard or demo."),
     dataset: Optional[list[str]] = typer.Option(None, "-d", "--dataset", help="Only these datasets (each must be usable)."),
     deep: bool = typer.Option(False, "--deep", help="Also decode every image (slow on the full datasets)."),
@@ -356,7 +416,7 @@ def data_manifest(
     shots: int = typer.Option(..., help="Shots per class (K)."),
     seed: int = typer.Option(..., help="Sampling seed."),
     sampler: str = typer.Option("coop", help="coop (CoOp/Dassl) or clip_lora (CLIP-LoRA's code)."),
-    data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout [env HARNESS_DATA_ROOT, default ./data]."),
+    data_root: Optional[Path] = typer.Option(None, help="Data root in CoOp layout (env HARNESS_DATA_ROOT, default ./data)."),
 ):
     """Print the few-shot subset (train and val paths and labels) as JSON."""
     from harness.data.fewshot import manifest_for
@@ -372,7 +432,7 @@ def data_manifest(
 
 @app.command()
 def report(
-    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
+    db: Optional[Path] = typer.Option(None, help="Run database (env HARNESS_DB, default results/harness.duckdb)."),
     out: Path = typer.Option(Path("reports"), help="Output folder for index.html and leaderboard.csv/.md/.tex."),
     method_path: Optional[list[Path]] = typer.Option(None, "--method-path", help="A .py file that registers a method (see README \"Add your method\"), repeatable."),
 ):
@@ -398,7 +458,7 @@ def report(
 def compare(
     a: str = typer.Argument(..., help="Method A (as the report names it, e.g. coop_ctx4)."),
     b: str = typer.Argument(..., help="Method B: the difference printed is B minus A."),
-    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
+    db: Optional[Path] = typer.Option(None, help="Run database (env HARNESS_DB, default results/harness.duckdb)."),
     shots: Optional[str] = typer.Option(None, help="Only these shot counts, e.g. 1,16."),
     backbone: Optional[str] = typer.Option(None, "-b", "--backbone", help="Only this backbone."),
     suite: Optional[str] = typer.Option(None, help="Only this suite (standard or demo)."),
@@ -431,7 +491,7 @@ def compare(
 
 @app.command()
 def check(
-    db: Optional[Path] = typer.Option(None, help="Run database [env HARNESS_DB, default results/harness.duckdb]."),
+    db: Optional[Path] = typer.Option(None, help="Run database (env HARNESS_DB, default results/harness.duckdb)."),
     baseline: Path = typer.Option(Path("results/baselines/demo.csv"), help="Baseline CSV to compare with."),
     update: bool = typer.Option(False, "--update", help="Write the current numbers as the new baseline (on purpose only)."),
     tolerance_floor: float = typer.Option(1.0, "--tolerance-floor", help="Smallest tolerance, in absolute top-1 points."),

@@ -8,6 +8,7 @@ smaller budgets), then `--set KEY=VALUE`. The resolved config, not the command l
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -123,10 +124,31 @@ def check_grid(methods: list[str], datasets: dict, shots: list[int], seeds: list
     return shots, seeds
 
 
+def canonical_method(name: str) -> str:
+    """A method or paper-variant name as typed (`tip-adapter`, `CoOp`) -> its registered spelling, or
+    a HarnessError that suggests the closest names."""
+    from harness.published import VARIANTS
+
+    norm = name.strip().lower().replace("-", "_")
+    if norm in REGISTRY or norm in VARIANTS:
+        return norm
+    close = difflib.get_close_matches(norm, [*REGISTRY, *VARIANTS], n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise HarnessError(f"Unknown method '{name}'.{hint} Known methods: {', '.join(REGISTRY)} (paper variants: "
+                       f"{', '.join(VARIANTS)}). See `harness list methods`.")
+
+
+def method_and_variant(name: str) -> tuple[str, dict]:
+    """The registered method behind a name, and the hyper-parameters of its paper variant (none for a method)."""
+    from harness.published import VARIANTS
+
+    name = canonical_method(name)
+    method, hparams = VARIANTS.get(name, (name, {}))
+    return method, dict(hparams)
+
+
 def method_class(name: str):
-    if name not in REGISTRY:
-        raise HarnessError(f"Unknown method '{name}'. Known methods: {', '.join(REGISTRY)}. See `harness list methods`.")
-    return REGISTRY[name]
+    return REGISTRY[method_and_variant(name)[0]]
 
 
 def resolve_hparams(method: str, dataset: str, suite: str, sets: dict, protocol: str = "fewshot") -> tuple[dict, dict]:
@@ -165,17 +187,16 @@ def build_grid(
     splits_dir: str | None = None,
     protocol: str = "fewshot",
 ) -> list[RunSpec]:
-    for name in methods:
-        method_class(name)
-    unknown = [k for k in sets if not any(k in REGISTRY[m].defaults for m in methods)]
+    chosen = [method_and_variant(name) for name in methods]  # paper variants (coop_ctx4) are their method + hparams
+    unknown = [k for k in sets if not any(k in REGISTRY[m].defaults for m, _ in chosen)]
     if unknown:
-        known = sorted({k for m in methods for k in REGISTRY[m].defaults})
+        known = sorted({k for m, _ in chosen for k in REGISTRY[m].defaults})
         raise HarnessError(f"--set {', '.join(unknown)}: no selected method has this hyper-parameter. Known: {', '.join(known)}.")
     grid = []
     for backbone, weights in backbones.items():
         for dataset in datasets:
-            for method in methods:
-                hp, overrides = resolve_hparams(method, dataset, suite, sets, protocol)
+            for method, variant in chosen:
+                hp, overrides = resolve_hparams(method, dataset, suite, {**variant, **sets}, protocol)
                 problem = REGISTRY[method].config_error(hp, get_card(dataset))
                 if problem:
                     raise HarnessError(f"{method} on {dataset}: {problem}")

@@ -219,7 +219,10 @@ def print_report(result: CheckResult, baseline: Path, floor: float, console: Con
         console.print(f"[bold red]{r['status'].upper()}[/bold red] {describe(r)}", highlight=False)
     counts = ", ".join(f"{result.count(s)} {s}" for s in ("ok", "regression", "improvement", "missing", "new"))
     console.print(counts)
-    if result.failed:
+    if result.count("missing"):
+        console.print("[red]check failed.[/red] Entries of the baseline are missing from the database: run the sweep that "
+                      "makes them (the same `harness run` command resumes it). `--update` would write a baseline without them.")
+    elif result.failed:
         console.print("[red]check failed.[/red] If the change is intended, update the baseline in the same change: `harness check --update`.")
     elif result.count("new") or result.count("improvement"):
         console.print("check passed. New or improved entries are not in the baseline until you run `harness check --update`.")

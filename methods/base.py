@@ -49,6 +49,7 @@ def register(cls: type["Method"]) -> type["Method"]:
 class Method:
     name: ClassVar[str]
     paper: ClassVar[str]
+    family: ClassVar[str] = "other"  # what it adapts, for listings (prompt learning, fine-tuning inside the encoders, ...)
     # The official code this file follows, as repository@commit (and Dassl's commit where it matters),
     # or "none (...)" with why; shown by `harness list methods`, stored with each run, in the report.
     source: ClassVar[str] = "unknown"

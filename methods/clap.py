@@ -72,6 +72,7 @@ def train_prototypes(views: torch.Tensor, labels: torch.Tensor, base: torch.Tens
 @register
 class CLAP(Method):
     name = "clap"
+    family = "linear probe on frozen features"
     paper = "Silva-Rodriguez et al., A Closer Look at the Few-Shot Adaptation of Large Vision-Language Models, CVPR 2024"
     source = "jusiro/CLAP@dbdf4095b3d8 (trainers/adapters.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
     deviations = (

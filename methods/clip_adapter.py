@@ -82,6 +82,7 @@ def adapter_logits(adapter: nn.Module, features: torch.Tensor, text: torch.Tenso
 @register
 class CLIPAdapter(Method):
     name = "clip_adapter"
+    family = "adapter on frozen features"
     paper = "Gao et al., CLIP-Adapter: Better Vision-Language Models with Feature Adapters, IJCV 2023"
     source = "gaopengcuhk/CLIP-Adapter@08d07f8b2eca (model); jusiro/CLAP@dbdf4095b3d8 (training recipe, ClipA)"
     deviations = (

@@ -24,6 +24,7 @@ Deviations (named, and recorded in each run's config through the precision field
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -77,6 +78,7 @@ class LoRATraining:
 @register
 class CLIPLoRA(Method):
     name = "clip_lora"
+    family = "fine-tuning inside the encoders"
     paper = "Zanella & Ben Ayed, Low-Rank Few-Shot Adaptation of Vision-Language Models, CVPRW 2024 (arXiv 2405.18541)"
     source = "MaxZanella/CLIP-LoRA@358f0d7361f5 (lora.py, loralib/, main.py)"
     deviations = (
@@ -215,7 +217,11 @@ class CLIPLoRA(Method):
         with section("optimizer"):
             state.scaler.step(state.optimizer)
             state.scaler.update()
-            state.scheduler.step()
+            with warnings.catch_warnings():
+                # fp16: when the scaler skips an overflowing step, torch warns that the schedule moved before the
+                # optimizer; the official loop steps the schedule every iteration regardless, and so does this one
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+                state.scheduler.step()
         return loss
 
     def finish_training(self, state: "LoRATraining") -> None:

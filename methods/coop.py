@@ -81,6 +81,7 @@ class PromptLearner:
 @register
 class CoOp(Method):
     name = "coop"
+    family = "prompt learning"
     paper = "Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022"
     source = "KaiyangZhou/CoOp@ff61507c7904 (trainers/coop.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
     deviations = (

@@ -54,6 +54,7 @@ def gaussian_classifier(feats: torch.Tensor, labels: torch.Tensor, n_classes: in
 @register
 class GDA(Method):
     name = "gda"
+    family = "training-free on frozen features"
     paper = "Wang et al., A Hard-to-Beat Baseline for Training-free CLIP-based Adaptation, ICLR 2024"
     source = "mrflogs/ICLR24@560fe2117009 (main_few_shots.py, utils.py)"
     deviations = (

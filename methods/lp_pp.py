@@ -72,6 +72,7 @@ def lp_logits(features, weight, bias, alpha, text) -> torch.Tensor:
 @register
 class LPPP(Method):
     name = "lp_pp"
+    family = "linear probe on frozen features"
     paper = "Huang, Shakeri et al., LP++: A Surprisingly Strong Linear Probe for Few-Shot CLIP, CVPR 2024"
     source = "FereshteShakeri/FewShot-CLIP-Strong-Baseline@f81054f995b0 (LP++: methods/linear_probe_p2.py)"
     deviations = (

@@ -76,6 +76,7 @@ class MultiModalPrompts(nn.Module):
 @register
 class MaPLe(Method):
     name = "maple"
+    family = "prompt learning"
     paper = "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023"
     source = "muzairkhattak/multimodal-prompt-learning@69bce21ae8ed (trainers/maple.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
     deviations = (

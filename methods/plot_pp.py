@@ -95,6 +95,7 @@ def ot_scores(image: torch.Tensor, text: torch.Tensor, eps: float = 0.1) -> torc
 @register
 class PlotPP(Method):
     name = "plot_pp"
+    family = "prompt learning"
     paper = "Chen et al., PLOT: Prompt Learning with Optimal Transport for Vision-Language Models, ICLR 2023 (PLOT++)"
     source = "CHENGY12/PLOT@728539feac3f (plot-pp/trainers/plotpp.py)"
     deviations = (

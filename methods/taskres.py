@@ -66,6 +66,7 @@ def residual_logits(features: torch.Tensor, base: torch.Tensor, residual: torch.
 @register
 class TaskRes(Method):
     name = "taskres"
+    family = "linear probe on frozen features"
     paper = "Yu et al., Task Residual for Tuning Vision-Language Models, CVPR 2023"
     source = "geekyutao/TaskRes@5195359661d6 (trainers/taskres.py, train_regular.sh), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
     deviations = (

@@ -115,6 +115,7 @@ def augmented_features(task: Task, images: list[torch.Tensor], scale=(0.5, 1.0),
 @register
 class TipAdapter(Method):
     name = "tip_adapter"
+    family = "cache model on frozen features"
     paper = "Zhang et al., Tip-Adapter: Training-free Adaption of CLIP for Few-shot Classification, ECCV 2022"
     source = "gaopengcuhk/Tip-Adapter@d0e2d6f8c5fe (main.py, utils.py)"
     deviations = f"{SEARCH_DEVIATION}; {PRECISION_DEVIATION}"

@@ -41,6 +41,7 @@ def read_templates(value) -> list[str] | str:
 @register
 class ZeroShot(Method):
     name = "zero_shot"
+    family = "zero-shot"
     paper = "Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021"
     source = "openai/CLIP@d05afc436d78 (model, logit scale); templates from KaiyangZhou/CoOp@ff61507c7904"
     deviations = (
