@@ -32,22 +32,6 @@ def _ints(value: str, option: str) -> list[int]:
         raise HarnessError(f"{option} expects comma-separated integers, got '{value}'.") from None
 
 
-def check_class_sources(datasets: dict) -> None:
-    """A target that declares its classes a subset of another dataset's (ImageNet-A/-R: 200 of
-    ImageNet's) must name only classes that dataset has: they are scored by matching names."""
-    for splits in datasets.values():
-        source = datasets.get(splits.card.class_source) if splits.card.class_source else None
-        if source is None:
-            continue
-        missing = sorted(set(splits.classnames) - set(source.classnames))
-        if missing:
-            raise HarnessError(
-                f"{splits.card.name}: {len(missing)} class names in {splits.root / 'classnames.txt'} are not "
-                f"{source.card.name}'s (e.g. '{missing[0]}'). Copy {source.card.name}'s classnames.txt there, as "
-                "CoOp's DATASETS.md says."
-            )
-
-
 def check_sampler(name: str) -> None:
     from harness.data.fewshot import SAMPLERS
 
@@ -91,146 +75,39 @@ def run(
     qos: Optional[str] = typer.Option(None, help="SLURM QoS."),
 ):
     """Run methods over datasets, shots and seeds; store every run in DuckDB."""
-    from harness.backbones import resolve_weights
-    from harness.cards import get_card, suite_cards, suites
-    from harness.grid import build_grid, canonical_method, check_grid, parse_sets
-    from harness.plugins import load_plugins, loaded_files
-    from harness.protocols import check_targets, get_protocol
-    from harness.records import default_records_dir, ingest
-    from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
-    from harness.store import completed_hashes, database_id, store_or_keep, stored_ok_run, stored_run_ids
-    from methods import REGISTRY
+    from harness import api
+    from harness.distributed import ClusterOptions
+    from harness.grid import parse_sets
 
-    load_plugins(method_path or [])  # entry points and --method-path files register before any name is resolved
-    # an unknown method is refused before any data is read; `tip-adapter` is tip_adapter, coop_ctx4 a paper variant
-    methods = list(REGISTRY) if all_methods else list(dict.fromkeys(canonical_method(m) for m in _split(method)))
-    if not methods:
-        raise HarnessError("Name a method with -m/--method NAME (see `harness list methods`) or pass --all-methods.")
-    suite_cards(suite)  # an unknown suite is refused by name
-    evaluation = get_protocol(protocol)
-    names = evaluation.datasets(suite, [c.name for c in suite_cards(suite)] if all_datasets else _split(dataset))
-    if not names:
-        raise HarnessError(f"Name a dataset with -d/--dataset NAME or pass --all-datasets (suite '{suite}').")
-    names = list(dict.fromkeys(get_card(n).name for n in names))  # `oxford-pets` is oxford_pets
-    for name in names:
-        if get_card(name).suite != suite:
-            raise HarnessError(f"Dataset '{name}' belongs to the {get_card(name).suite} suite, not '{suite}': pass --suite {get_card(name).suite}.")
-    backbones = _split(backbone) or [suites()[suite]["default_backbone"]]
-    if weights and len(backbones) > 1:
-        raise HarnessError("--weights applies to one backbone; run each backbone with its own --weights.")
-    root = paths.data_root(data_root)
-    paths.writable_folder(paths.cache_dir(), "cache folder (set HARNESS_CACHE to move it)")
-    targets = [t.dataset for n in names for t in check_targets(evaluation, n, suite) if t.dataset not in names]
-    datasets = load_datasets(names + list(dict.fromkeys(targets)), root)  # first: missing data is the likeliest problem
-    check_class_sources(datasets)
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    identities = {b: resolve_weights(b, weights)[1] for b in backbones}
-    default_shots = ",".join(map(str, evaluation.shots or (1, 2, 4, 8, 16)))
-    trained_on = {n: datasets[n] for n in names}
-    shot_list, seed_list = check_grid(methods, trained_on, _ints(shots or default_shots, "--shots"), _ints(seeds, "--seeds"))
-    check_sampler(sampler)
-    split_hashes = None
-    if splits is not None:  # every split file is read and validated before any run
-        from harness.data.splitfiles import read_split_files
-
-        split_hashes = {
-            (name, k, s): read_split_files(datasets[name], splits, k, s)[1]
-            for name in names for k in shot_list if k > 0 for s in seed_list
-        }
-    grid = build_grid(
-        methods, names, suite, shot_list, seed_list, identities, prec, parse_sets(set_ or []),
-        sampler=sampler, split_hashes=split_hashes, splits_dir=str(splits.resolve()) if splits else None, protocol=protocol,
+    runs = api.run(
+        _split(method), _split(dataset), suite=suite, all_methods=all_methods, all_datasets=all_datasets,
+        shots=_ints(shots, "--shots") if shots else None, seeds=_ints(seeds, "--seeds"), backbones=_split(backbone),
+        weights=weights, data_root=data_root, db=db, sets=parse_sets(set_ or []), protocol=protocol, sampler=sampler,
+        splits=splits, device=device, precision=precision, force=force, dry_run=dry_run, executor=executor, jobs=jobs,
+        records=records, wait=wait, method_paths=method_path,
+        cluster=ClusterOptions(partition, gpus_per_job, cpus_per_job, mem_gb, time_min, array_parallelism, account, qos),
+        console=console,
     )
-    db_path = paths.db_path(db)
-    records_dir = records or default_records_dir(db_path)
-    weights_paths = {b: weights for b in backbones}
-    if executor not in ("serial", "local", "slurm"):
-        raise HarnessError(f"--executor must be serial, local or slurm, not '{executor}'.")
-    if dry_run and executor == "serial":
-        from harness.published import display_name
-
-        stored = stored_run_ids(db_path)  # read-only; nothing is created by a dry run
-        done_already = sum(spec.config_hash in stored for spec in grid)
+    if runs.attrs.get("dry_run") and executor == "serial":
         table = Table("#", "method", "dataset", "backbone", "shots", "seed", "config hash", "stored",
-                      title=f"{len(grid)} runs, {done_already} already stored (skipped unless --force)")
-        for i, spec in enumerate(grid, 1):
-            table.add_row(str(i), display_name(spec.method, spec.config), spec.dataset, spec.backbone, str(spec.shots),
-                          str(spec.seed), spec.config_hash, "yes" if spec.config_hash in stored else "")
+                      title=f"{len(runs)} runs, {int(runs['stored'].sum())} already stored (skipped unless --force)")
+        for i, r in enumerate(runs.itertuples(), 1):
+            table.add_row(str(i), r.method, r.dataset, r.backbone, str(r.shots), str(r.seed), r.config_hash, "yes" if r.stored else "")
         console.print(table)
-        return
-    db_id = None
-    if not dry_run:
-        db_id = database_id(db_path)  # records made for this database carry it
-        ingest(records_dir, db_path, db_id)  # runs that workers finished earlier count as complete
-    done = set() if force else completed_hashes(db_path)
-    at_start = {} if dry_run else stored_run_ids(db_path)  # a run stored under another id later was finished elsewhere
-    if executor != "serial":
-        from harness.distributed import ClusterOptions, run_distributed
-
-        opts = ClusterOptions(partition, gpus_per_job, cpus_per_job, mem_gb, time_min, array_parallelism, account, qos)
-        failed = run_distributed(
-            grid, done, executor, jobs, opts, records=records_dir, db=db_path, data_root=root,
-            weights_paths=weights_paths, device=dev, dry_run=dry_run, wait=wait, console=console,
-            plugin_files=loaded_files(), db_id=db_id, replaces=stored_run_ids(db_path) if force and not dry_run else {},
-        )
-        if failed:
-            raise typer.Exit(1)
-        return
-    try:
-        result = run_sweep(
-            grid,
-            datasets=datasets,
-            done=done,
-            store=lambda record: store_or_keep(db_path, {**record, "db_id": db_id}, records_dir),
-            weights_paths=weights_paths,
-            device=dev,
-            console=console,
-            running_dir=records_dir,  # each run is claimed: a second sweep of the same grid leaves it to this one
-            stored_since=lambda config_hash: stored_ok_run(db_path, config_hash) not in (None, at_start.get(config_hash)),
-        )
-    except KeyboardInterrupt:
-        raise HarnessError(
-            f"Interrupted. Every run that finished is stored in {db_path} (or kept in {records_dir}, ingested by the "
-            "next run); the run in progress was discarded. "
-            "Run the same command again to resume."
-        ) from None
-    for folder in (records_dir / "running", records_dir):  # the claims' folders, when nothing else is in them
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
-    console.print(f"{result.ok} ok, {result.failed} failed, {result.skipped} skipped (already complete). Database: {db_path}")
-    if result.elsewhere:
-        console.print(f"{len(result.elsewhere)} run(s) were being trained by another process on this grid and were left to "
-                      "it (it stores them); run the same command again once it has finished to check nothing is missing.")
-    from harness.published import load_published
-
-    try:
-        load_published(db_path)  # published numbers queryable beside the runs (table `published`)
-    except HarnessError as exc:  # every run is stored already; only the convenience table is stale
-        Console(stderr=True).print(Text(f"warning: the published table was not refreshed: {exc}"))
-    if result.failed:
-        console.print(Text.assemble(("Failed runs:", "red"), "\n  " + "\n  ".join(result.failures)))
+    if runs.attrs.get("failed"):
         raise typer.Exit(1)
 
 
 def _ingest_pending(db_path: Path) -> None:
-    """Report and check read the database: first collect the records that its own sweeps left beside
-    it (records made for another database, or for none, wait for an explicit `harness ingest`)."""
-    from harness.records import default_records_dir
-    from harness.records import ingest as ingest_records
-    from harness.store import database_id
+    """Report and check read the database: first collect the records that its own sweeps left beside it."""
+    from harness.api import ingest_own_records
 
-    folder = default_records_dir(db_path)
-    if folder.is_dir() and any(folder.glob("*.json")):
-        db_id = database_id(db_path, create=False) or "none"  # a database from before identities owns no record
-        result = ingest_records(folder, db_path, db_id)
-        if result.foreign:
-            Console(stderr=True).print(Text(
-                f"note: {result.foreign} record(s) in {folder} were made for another database (or before records "
-                f"named theirs) and were not taken; `harness ingest --db {db_path} --records {folder}` imports them."
-            ))
+    left = ingest_own_records(db_path)
+    if left:
+        Console(stderr=True).print(Text(
+            f"note: {left} record(s) in {db_path.parent / 'records'} were made for another database (or before records "
+            f"named theirs) and were not taken; `harness ingest --db {db_path} --records {db_path.parent / 'records'}` imports them."
+        ))
 
 
 def _warn_altered(db_path: Path) -> list[str]:
@@ -465,21 +342,11 @@ def compare(
 ):
     """Paired comparison of two methods over the runs they share: mean difference with its 95 %
     interval, wins/ties/losses over datasets, and a paired test (Wilcoxon, or sign test when few)."""
-    from harness.compare import compare as compare_methods
-    from harness.report import load_runs, ok_runs
+    from harness import api
 
     db_path = paths.db_path(db)
     _ingest_pending(db_path)
-    runs, _ = load_runs(db_path, published=False)
-    ok, _ = ok_runs(runs)
-    if suite:
-        ok = ok[ok["suite"] == suite]
-    if backbone:
-        ok = ok[ok["backbone"] == backbone]
-    if shots:
-        wanted = _ints(shots, "--shots")
-        ok = ok[ok["shots"].isin(wanted + [0])]  # a zero-shot reference has no shots
-    result = compare_methods(ok, a, b)
+    result = api.compare(a, b, db_path, _ints(shots, "--shots") if shots else None, backbone, suite)
     table = Table("dataset", a, b, f"{b} - {a}", title=f"{len(result.pairs)} paired runs")
     for row in result.per_dataset.itertuples():
         table.add_row(row.dataset, f"{row.a:.2f}", f"{row.b:.2f}", f"{row.diff:+.2f}")
