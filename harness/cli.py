@@ -222,6 +222,10 @@ def list_(
             table.add_row(cls.name, cut(cls.family, 36), cut(cls.paper, room), protocols_of(cls))
         for label, (base, _) in VARIANTS.items():
             table.add_row(label, cut(REGISTRY[base].family, 36), f"paper variant of {base}", protocols_of(REGISTRY[base]))
+        console.print(table)
+        for plugin in (n for n in REGISTRY if n in ORIGINS):
+            console.print(Text(f"plugin {plugin}: {ORIGINS[plugin]}"))
+        return
     elif what == "datasets":
         table = Table("dataset", "suite", "folder", "classes", "test", "template")
         for card in all_cards().values():

@@ -296,6 +296,13 @@ def run_sweep(
         console.print("Nothing to do: every run of this grid is already stored.")
         return result
     progress = sweep_progress(console)
+    started = time.monotonic()
+
+    def position(i: int) -> str:
+        """`[i/n, ETA m:ss]`: the live bar's figures on every finished run's line, for logs that are not terminals."""
+        left = (time.monotonic() - started) / i * (len(todo) - i)
+        return f"[{i}/{len(todo)}, ETA {int(left // 60)}:{int(left % 60):02d}]"
+
     backbone: Backbone | None = None
     test: ImageSet | None = None  # the current dataset's test split; runs are grouped by backbone, then dataset
     feature_cache: dict = {}
@@ -344,11 +351,11 @@ def run_sweep(
                 result.ok += 1
                 progress.console.print(Text.assemble(("ok", "green"), f" {spec.label}: {headline_text(record)}  "
                     f"(train {record['train_seconds']:.1f} s, eval {record['eval_seconds']:.1f} s, "
-                    f"peak {record['peak_mem_mb']:.0f} MB, {record['trainable_params']:,} trainable)"))
+                    f"peak {record['peak_mem_mb']:.0f} MB, {record['trainable_params']:,} trainable) {position(i)}"))
             else:
                 result.failed += 1
                 first_line = record["error"].splitlines()[0]
                 result.failures.append(f"{spec.label}: {first_line}")
-                progress.console.print(Text.assemble(("failed", "red"), f" {spec.label}: {first_line}"))
+                progress.console.print(Text.assemble(("failed", "red"), f" {spec.label}: {first_line} {position(i)}"))
             progress.advance(overall)
     return result
