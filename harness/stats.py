@@ -40,14 +40,25 @@ def wilson_interval(top1: float, n_test: int) -> tuple[float, float]:
 
 
 def interval(values, n_test: int | None = None) -> tuple[float, float]:
-    """The interval the report shows: over seeds when there are >= 2, else Wilson for one run
-    (runs without a number, e.g. a headline that does not apply, are left out)."""
+    """The interval the report shows, inside [0, 100]: over seeds when there are >= 2, never narrower
+    than the test set's own sampling error (the Wilson interval of the mean accuracy: three identical
+    seeds are not certainty), else Wilson for one run (runs without a number, e.g. a headline that
+    does not apply, are left out)."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if len(values) >= 2:
-        return t_interval(values)
+        lo, hi = t_interval(values)
+        if n_test:
+            w_lo, w_hi = wilson_interval(float(np.mean(values)), int(n_test))
+            lo, hi = min(lo, w_lo), max(hi, w_hi)
+        return clip_percent(lo, hi)
     if len(values) == 1 and n_test:
         return wilson_interval(values[0], int(n_test))
     return math.nan, math.nan
+
+
+def clip_percent(lo: float, hi: float) -> tuple[float, float]:
+    """An accuracy interval cut to the [0, 100] an accuracy can take."""
+    return max(0.0, lo), min(100.0, hi)
 
 
 @dataclass

@@ -129,3 +129,31 @@ def test_demo_like_report_shows_intervals_pairs_and_ranks(tmp_path):
     board = pd.read_csv(out / "leaderboard.csv")
     assert {"lo", "hi"} <= set(board.columns) and (board["lo"] < board["mean"]).all()
     assert "[" in (out / "leaderboard.md").read_text()
+
+
+def test_intervals_stay_in_range_and_identical_seeds_are_not_certainty():
+    from harness.stats import interval, wilson_interval
+
+    lo, hi = interval([99.0, 100.0, 100.0], n_test=240)
+    assert 0 <= lo < 99.7 and hi == 100.0  # the t-interval alone would pass 100
+    lo, hi = interval([55.0, 55.0, 55.0], n_test=240)  # three identical seeds
+    w_lo, w_hi = wilson_interval(55.0, 240)
+    assert (lo, hi) == pytest.approx((w_lo, w_hi)) and hi - lo > 10  # the test set's own error, not zero width
+    assert interval([0.0, 0.0], n_test=100)[0] == 0.0
+    assert interval([70.0], n_test=240) == wilson_interval(70.0, 240)  # one run: Wilson
+
+
+def test_a_single_seed_shows_no_spread_and_pairs_read_row_vs_column(tmp_path):
+    db = tmp_path / "r.duckdb"
+    for m, gap in (("a", 0.0), ("c", 3.0)):
+        for d in range(6):
+            write_record(db, _run(m, f"demo_{d}", 4, 1, 50 + 3 * d + gap))
+    out = tmp_path / "rep"
+    assert run_cli(["report", "--db", str(db), "--out", str(out)]) == 0
+    html = (out / "index.html").read_text()
+    assert "\u00b10.00" not in html  # one seed: its Wilson interval, never a zero spread
+    assert "Row vs column: row &minus; column" in html
+    pairs = html[html.index('<table class="plain pairs">'):]
+    rows = {r.split("</td>")[0].split(">")[-1]: r for r in pairs.split("</table>")[0].split('<tr><td class="name">')[1:]}
+    assert 'class="better" title="c better than a on 6 of 6 datasets' in rows["c"]  # the better method's row is green
+    assert 'class="worse" title="a worse than c' in rows["a"]

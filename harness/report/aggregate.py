@@ -11,7 +11,7 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.published import display_name, published_frame
-from harness.stats import Z95, interval, t_interval
+from harness.stats import Z95, clip_percent, interval, t_interval
 from harness.store import connect
 
 CELL = ["suite", "backbone", "method", "dataset", "shots"]
@@ -71,16 +71,19 @@ def average_interval(runs: pd.DataFrame, n_datasets: int) -> tuple[float, float]
     (normal approximation to the variance of a mean of independent accuracies)."""
     per_seed = runs.groupby("seed").agg(avg=("top1", "mean"), n=("dataset", "nunique"))
     complete = per_seed[per_seed["n"] == n_datasets]["avg"]
-    if len(complete) >= 2:
-        return t_interval(complete)
-    if len(complete) == 1:
-        rows = runs[runs["seed"] == complete.index[0]]
-        n = pd.to_numeric(rows["n_test"], errors="coerce").to_numpy(dtype=float)
-        if (n > 0).all():
-            p = rows["top1"].to_numpy(dtype=float) / 100
-            half = 100 * Z95 * math.sqrt(float((p * (1 - p) / n).sum())) / len(rows)
-            return float(rows["top1"].mean()) - half, float(rows["top1"].mean()) + half
-    return math.nan, math.nan
+    if not len(complete):
+        return math.nan, math.nan
+    rows = runs[runs["seed"].isin(complete.index)].groupby("dataset").agg(top1=("top1", "mean"), n_test=("n_test", "first"))
+    n = pd.to_numeric(rows["n_test"], errors="coerce").to_numpy(dtype=float)
+    mean = float(complete.mean())
+    lo, hi = t_interval(complete) if len(complete) >= 2 else (mean, mean)
+    if (n > 0).all():  # the datasets' binomial errors combined: the floor of any interval of this average
+        p = rows["top1"].to_numpy(dtype=float) / 100
+        half = 100 * Z95 * math.sqrt(float((p * (1 - p) / n).sum())) / len(rows)
+        lo, hi = min(lo, mean - half), max(hi, mean + half)
+    elif len(complete) < 2:
+        return math.nan, math.nan
+    return clip_percent(lo, hi)
 
 
 @dataclass

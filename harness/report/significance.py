@@ -38,7 +38,9 @@ def column_emphasis(ok: pd.DataFrame, means: dict[str, float]) -> dict[str, str]
 
 
 def pair_matrix(ok: pd.DataFrame, methods: list[str]) -> list[dict]:
-    """Row A, column B: B minus A over their paired cells, with the verdict in words."""
+    """Row vs column: the row's method minus the column's over their paired cells, 'better' where the
+    row's method is significantly ahead (so a good method's row is the green one), with the verdict
+    in words ("row better than column ...")."""
     rows = []
     for a in methods:
         cells = []
@@ -47,7 +49,7 @@ def pair_matrix(ok: pd.DataFrame, methods: list[str]) -> list[dict]:
                 cells.append(None)
                 continue
             try:
-                result = compare(ok, a, b)
+                result = compare(ok, b, a)  # a minus b, and the verdict says "a ... than b"
             except HarnessError:
                 cells.append({"text": "\u2013", "verdict": "nothing to pair", "cls": "missing"})
                 continue

@@ -49,7 +49,8 @@ def wide_table(cells: pd.DataFrame, methods: list[str], shots: list[int], with_r
             row = hit.iloc[0]
             cls = "ref" if reference else emphasis[k].get(method, "")
             note = _cell_note(row)
-            out["cells"].append({"mean": f"{row['mean']:.2f}", "std": "" if pd.isna(row["std"]) else f"\u00b1{row['std']:.2f}",
+            single = row["n_seeds"] < 2  # one run has no spread over seeds: its interval is the test set's (Wilson)
+            out["cells"].append({"mean": f"{row['mean']:.2f}", "std": "" if single or pd.isna(row["std"]) else f"\u00b1{row['std']:.2f}",
                                  "interval": interval_text(row.get("lo"), row.get("hi")),
                                  "flag": row.get("flag", "") or (SEED_MARK if row["n_seeds"] < row["expected_seeds"] else ""),
                                  "cls": cls + (" flagged" if note else ""), "note": note})
