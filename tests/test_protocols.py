@@ -100,6 +100,7 @@ def test_closed_set_methods_are_not_applicable_to_new_classes(tmp_path, capsys):
     assert run_cli(["report", "--db", str(db), "--out", str(out)]) == 0
     html = (out / "index.html").read_text()
     assert "Base-to-new generalisation" in html and 'class="na"' in html and "n/a" in html
+    assert 'class="warn demo-note"' in html and "cannot show: generalisation" in html  # the demo says what it can show
     assert "CoCoOp, Zhou et al. CVPR 2022" not in html  # published averages are for ViT-B/16 only
     baseline = tmp_path / "b.csv"  # check guards the headline and every per-target number
     assert run_cli(["check", "--db", str(db), "--update", "--baseline", str(baseline)]) == 0
