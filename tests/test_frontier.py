@@ -75,7 +75,7 @@ def test_prolip_trains_the_visual_projection_of_vit_b16():
     assert model.visual.proj.numel() == 393_216  # 768 x 512, as the paper counts
 
 
-@pytest.mark.parametrize("method", ["gda", "prolip"])
+@pytest.mark.parametrize("method", ["gda", "prolip", "clip_svd", "two_sfs"])
 def test_frontier_methods_beat_zero_shot_on_the_demo_at_16_shots(tiny, demo_root, method):
     ours = [run_method(method, d, 16, tiny) for d in DEMO]
     zero = [run_method("zero_shot", d, 0, tiny) for d in DEMO]
@@ -139,13 +139,6 @@ def test_two_sfs_switches_stages_at_sixty_percent_and_scores_new_classes_by_text
         text = F.normalize(method.model.encode_text(random_tiny.tokenize([f"a photo of a {unseen}."])), dim=-1)[0]
     torch.testing.assert_close(rows[1], text, rtol=0, atol=1e-5)  # a new class: the adapted text encoder
 
-
-@pytest.mark.parametrize("method", ["clip_svd", "two_sfs"])
-def test_encoder_methods_beat_zero_shot_on_the_demo_at_16_shots(tiny, demo_root, method):
-    ours = [run_method(method, d, 16, tiny) for d in DEMO]
-    zero = [run_method("zero_shot", d, 0, tiny) for d in DEMO]
-    assert all(r["status"] == "ok" for r in ours), [r.get("error") for r in ours]
-    assert sum(r["top1"] for r in ours) / 3 >= sum(r["top1"] for r in zero) / 3 + 5
 
 
 def test_published_frontier_rows_meet_ours_by_name(tmp_path):
