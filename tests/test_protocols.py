@@ -5,6 +5,7 @@ import json
 import math
 
 import duckdb
+import pandas as pd
 import pytest
 import torch
 from coop_layout import make_imagenet, make_imagenet_shifts, make_split_json
@@ -101,6 +102,9 @@ def test_closed_set_methods_are_not_applicable_to_new_classes(tmp_path, capsys):
     html = (out / "index.html").read_text()
     assert "Base-to-new generalisation" in html and 'class="na"' in html and "n/a" in html
     assert 'class="warn demo-note"' in html and "cannot show: generalisation" in html  # the demo says what it can show
+    exported = pd.read_csv(out / "protocols.csv").set_index(["method", "target"])  # the protocol numbers are exported too
+    assert exported.loc[("tip_adapter", "new"), "n_seeds"] == 0 and "trained on" in exported.loc[("tip_adapter", "new"), "not_applicable"]
+    assert exported.loc[("zero_shot", "base"), "mean"] == pytest.approx(b)
     assert "CoCoOp, Zhou et al. CVPR 2022" not in html  # published averages are for ViT-B/16 only
     baseline = tmp_path / "b.csv"  # check guards the headline and every per-target number
     assert run_cli(["check", "--db", str(db), "--update", "--baseline", str(baseline)]) == 0

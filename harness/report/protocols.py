@@ -29,6 +29,22 @@ def load_evaluations(db: Path, runs: pd.DataFrame) -> pd.DataFrame:
     return evals.rename(columns={"dataset": "target_dataset"}).merge(ok[keep], on="config_hash")
 
 
+def protocol_table(db: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Every generalisation protocol's numbers in long form (the `protocols.csv` export): per protocol,
+    suite, backbone, method, trained-on dataset and target, the mean, std and seed count of top-1, or
+    why the target does not apply."""
+    ev = load_evaluations(db, runs)
+    columns = ["protocol", "suite", "backbone", "method", "dataset", "target", "mean", "std", "n_seeds", "not_applicable"]
+    if ev.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for key, g in ev.groupby(["protocol", "suite", "backbone", "name", "dataset", "target"], sort=True):
+        values = g["top1"].dropna()
+        rows.append([*key, values.mean() if len(values) else math.nan, values.std() if len(values) > 1 else math.nan,
+                     len(values), "" if len(values) else next((r for r in g["reason"].dropna()), "no runs")])
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _cell(values: pd.Series, reasons: pd.Series) -> dict:
     v = values.dropna()
     if v.empty:

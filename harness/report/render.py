@@ -14,7 +14,7 @@ from harness.errors import HarnessError
 from harness.report.aggregate import DATA_MARK, SEED_MARK, TIED_MARK, aggregate, load_runs
 from harness.report.exports import groups_in_order, leaderboard_latex, leaderboard_markdown
 from harness.report.plots import curves_svg, efficiency, efficiency_svg, method_colours
-from harness.report.protocols import protocol_sections
+from harness.report.protocols import protocol_sections, protocol_table
 from harness.report.provenance import provenance
 from harness.report.significance import pair_matrix, prompt_spread, rank_sections
 from harness.report.tables import gap_table, wide_table
@@ -76,9 +76,11 @@ def render(db: Path, out: Path) -> dict[str, Path]:
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = {"html": out / "index.html", "csv": out / "leaderboard.csv", "md": out / "leaderboard.md", "tex": out / "leaderboard.tex"}
+    written = {"html": out / "index.html", "csv": out / "leaderboard.csv", "md": out / "leaderboard.md", "tex": out / "leaderboard.tex",
+               "protocols": out / "protocols.csv"}
     written["html"].write_text(html, encoding="utf-8")
     agg.leaderboard.to_csv(written["csv"], index=False, float_format="%.4f")
     written["md"].write_text(leaderboard_markdown(agg.leaderboard, agg.ok), encoding="utf-8")
     written["tex"].write_text(leaderboard_latex(agg.leaderboard, agg.ok), encoding="utf-8")
+    protocol_table(db, every_run).to_csv(written["protocols"], index=False, float_format="%.4f")
     return written
