@@ -60,13 +60,13 @@ def run(
     hyper-parameters ({"n_ctx": 4}); `cluster` is a `harness.distributed.ClusterOptions`."""
     from harness.backbones import resolve_weights
     from harness.cards import get_card, suite_cards, suites
-    from harness.data.fewshot import SAMPLERS
+    from harness.data.fewshot import check_sampler
     from harness.grid import build_grid, canonical_method, check_grid
     from harness.plugins import load_plugins, loaded_files
     from harness.protocols import check_targets, get_protocol
     from harness.records import default_records_dir, ingest
     from harness.runner import load_datasets, resolve_device, resolve_precision, run_sweep
-    from harness.store import completed_hashes, database_id, store_or_keep, stored_ok_run, stored_run_ids
+    from harness.store import database_id, store_or_keep, stored_ok_run, stored_run_ids
     from methods import REGISTRY
 
     console = console or Console()
@@ -87,8 +87,7 @@ def run(
     backbones = list(backbones or []) or [suites()[suite]["default_backbone"]]
     if weights and len(backbones) > 1:
         raise HarnessError("--weights applies to one backbone; run each backbone with its own --weights.")
-    if sampler not in SAMPLERS:
-        raise HarnessError(f"--sampler must be one of {', '.join(SAMPLERS)}, not '{sampler}'.")
+    check_sampler(sampler)
     if executor not in EXECUTORS:
         raise HarnessError(f"--executor must be serial, local or slurm, not '{executor}'.")
     root = paths.data_root(data_root)
@@ -112,14 +111,14 @@ def run(
     db_path = paths.db_path(db)
     records_dir = Path(records) if records else default_records_dir(db_path)
     weights_paths = {b: weights for b in backbones}
-    if dry_run and executor == "serial":
-        return _plan(grid, stored_run_ids(db_path))  # read-only: a dry run creates nothing
     db_id = None
-    if not dry_run:
+    if not dry_run:  # a dry run creates nothing; a real one finds an unwritable database before any training
         db_id = database_id(db_path)  # records made for this database carry it
         ingest(records_dir, db_path, db_id)  # runs that workers finished earlier count as complete
-    done = set() if force else completed_hashes(db_path)
-    at_start = {} if dry_run else stored_run_ids(db_path)  # a run stored under another id later was finished elsewhere
+    at_start = stored_run_ids(db_path)  # read-only; a run stored under another id later was finished elsewhere
+    if dry_run and executor == "serial":
+        return _plan(grid, at_start)
+    done = set() if force else set(at_start)
     if executor != "serial":
         from harness.distributed import ClusterOptions, run_distributed
 
@@ -128,7 +127,7 @@ def run(
             weights_paths=weights_paths, device=dev, dry_run=dry_run, wait=wait, console=console,
             plugin_files=loaded_files(), db_id=db_id, replaces=at_start if force else {},
         )
-        return _plan(grid, stored_run_ids(db_path)) if dry_run else _stored(db_path, grid, failed)
+        return _plan(grid, at_start) if dry_run else _stored(db_path, grid, failed)
     try:
         result = run_sweep(
             grid, datasets=loaded, done=done, store=lambda record: store_or_keep(db_path, {**record, "db_id": db_id}, records_dir),

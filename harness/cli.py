@@ -32,13 +32,6 @@ def _ints(value: str, option: str) -> list[int]:
         raise HarnessError(f"{option} expects comma-separated integers, got '{value}'.") from None
 
 
-def check_sampler(name: str) -> None:
-    from harness.data.fewshot import SAMPLERS
-
-    if name not in SAMPLERS:
-        raise HarnessError(f"--sampler must be one of {', '.join(SAMPLERS)}, not '{name}'.")
-
-
 @app.command()
 def run(
     method: Optional[list[str]] = typer.Option(None, "-m", "--method", help="Method name(s), comma-separated."),
@@ -305,6 +298,8 @@ def data_manifest(
 
     if shots < 1:
         raise HarnessError("--shots must be at least 1.")
+    from harness.data.fewshot import check_sampler
+
     check_sampler(sampler)
     paths.writable_folder(paths.cache_dir(), "cache folder (set HARNESS_CACHE to move it)")
     splits = load_datasets([dataset], paths.data_root(data_root))[dataset]

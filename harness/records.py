@@ -109,7 +109,8 @@ def completed_in_records(records: Path, sweep_id: str | None = None) -> set[str]
 
 def finished_in_sweep(records: Path, config_hash: str, sweep_id: str | None) -> bool:
     """Whether this run's record file holds an ok run of sweep `sweep_id` (one file read)."""
-    record, _ = _read_record(Path(records) / f"{config_hash}.json") if (Path(records) / f"{config_hash}.json").is_file() else (None, "")
+    path = Path(records) / f"{config_hash}.json"
+    record = _read_record(path)[0] if path.is_file() else None
     return record is not None and record.get("status") == "ok" and record.get("sweep_id") == sweep_id
 
 

@@ -260,15 +260,6 @@ def stored_ok_run(path: Path, config_hash: str) -> str | None:
     return row[0] if row else None
 
 
-def completed_hashes(path: Path) -> set[str]:
-    """Opened for writing on purpose: `harness run` asks first, so a database it could not write to
-    (locked, corrupt, read-only folder) stops the sweep before any training, not after it."""
-    if not Path(path).is_file():
-        return set()
-    with connect(path) as con:
-        return {row[0] for row in con.execute("SELECT config_hash FROM runs WHERE status = 'ok'").fetchall()}
-
-
 # One row per (run, evaluation target) of the generalisation protocols; `runs` keeps the headline.
 EVAL_COLUMNS = {
     "config_hash": "VARCHAR",

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from harness import PROTOCOL_VERSION
 from harness.data.readers import DatasetSplits, Item
-from harness.errors import DataError
+from harness.errors import DataError, HarnessError
 from harness.paths import atomic_write_text, cache_dir
 
 
@@ -127,6 +127,11 @@ def sample_clip_lora(splits: DatasetSplits, shots: int, seed: int) -> Manifest:
 
 
 SAMPLERS = {"coop": sample_coop, "clip_lora": sample_clip_lora}
+
+
+def check_sampler(name: str) -> None:
+    if name not in SAMPLERS:
+        raise HarnessError(f"--sampler must be one of {', '.join(SAMPLERS)}, not '{name}'.")
 
 
 def manifest_for(splits: DatasetSplits, shots: int, seed: int, sampler: str = "coop") -> Manifest:
