@@ -352,6 +352,7 @@ def compare(
     console.print(table)
     c = result.cells
     console.print(Text(f"wins/ties/losses of {b} over (dataset, shots) cells: {c.wins}/{c.ties}/{c.losses}"))
+    console.print(Text(result.ranking))
     console.print(Text(result.verdict))
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.errors import HarnessError
-from harness.stats import Paired, paired
+from harness.stats import Paired, paired, ranks
 
 KEY = ["suite", "backbone", "dataset", "shots", "seed"]
 
@@ -45,6 +45,13 @@ class Comparison:
     pairs: pd.DataFrame  # matched runs
     cells: Paired  # over (dataset, shots) cells, each the mean over seeds
     per_dataset: pd.DataFrame  # dataset, a, b, diff (means over shots and seeds)
+    avg_rank: tuple[float, float]  # A's and B's average rank over the cells: the report's rule on these two
+
+    @property
+    def ranking(self) -> str:
+        ra, rb = self.avg_rank
+        return (f"average rank over the {self.cells.n} (dataset, shots) cells (the report's rule, 1 = best): "
+                f"{self.a} {ra:.2f}, {self.b} {rb:.2f}")
 
     @property
     def verdict(self) -> str:
@@ -79,4 +86,5 @@ def compare(ok: pd.DataFrame, a: str, b: str) -> Comparison:
     cells = pairs.groupby(["suite", "backbone", "dataset", "shots"])[["a", "b"]].mean()
     per_dataset = pairs.groupby("dataset")[["a", "b"]].mean().reset_index()
     per_dataset["diff"] = per_dataset["b"] - per_dataset["a"]
-    return Comparison(a, b, pairs, paired(cells["a"], cells["b"]), per_dataset)
+    avg_rank = tuple(ranks([a, b], cells[["a", "b"]].to_numpy()).avg_rank)
+    return Comparison(a, b, pairs, paired(cells["a"], cells["b"]), per_dataset, avg_rank)

@@ -13,12 +13,14 @@ import math
 import re
 from datetime import datetime
 
+from harness.cost import CPU_BASIS, CUDA_BASIS, PROCESS_BASIS
 from harness.grid import config_hash_of
 
 MAX_RECORD_BYTES = 2_000_000  # a real record is a few kB (a long traceback included)
 STATUSES = ("ok", "failed")
 EVAL_STATUSES = ("ok", "not_applicable")
 PRECISIONS = ("fp32", "bf16", "fp16")
+MEMORY_BASES = (CUDA_BASIS, CPU_BASIS, PROCESS_BASIS)
 HASH = re.compile(r"[0-9a-f]{16}")
 RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 NAME = re.compile(r"[A-Za-z0-9_.:+/@-]{1,128}")
@@ -108,7 +110,9 @@ def record_problems(record) -> list[str]:
     for key in ("n_test", "trainable_params"):
         if record.get(key) is not None and (not _is_int(record[key]) or record[key] < 0):
             problems.append(f"{key} is {record[key]!r}, not a count")
-    for key in ("train_seconds", "eval_seconds", "peak_mem_mb"):
+    if record.get("memory_basis") is not None and record["memory_basis"] not in MEMORY_BASES:
+        problems.append(f"memory_basis is {str(record['memory_basis'])[:40]!r}, not one of {', '.join(MEMORY_BASES)}")
+    for key in ("train_seconds", "eval_seconds", "peak_mem_mb", "machine_load"):
         if record.get(key) is not None and (not _is_number(record[key]) or record[key] < 0):
             problems.append(f"{key} is {record[key]!r}, not a finite non-negative number")
     for key in ("started_at", "finished_at"):

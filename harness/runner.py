@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import platform
 import random
-import resource
 import subprocess
 import time
 import traceback
@@ -31,6 +30,7 @@ from rich.text import Text
 import harness
 from harness.backbones import Backbone, load_backbone
 from harness.cards import get_card
+from harness.cost import machine_load, open_window
 from harness.data.demo import ensure_demo
 from harness.data.fewshot import Manifest, manifest_for
 from harness.data.readers import DatasetSplits, read_dataset
@@ -119,30 +119,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def reset_peak_memory(device: str) -> None:
-    """Start a run's peak-memory window: CUDA's allocator peak, or Linux's process high-water mark."""
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        pass  # elsewhere the figure is the process's peak so far
-
-
-def peak_memory_mb(device: str) -> float:
-    """GPU peak allocated on CUDA; the process's peak resident memory since reset_peak_memory on CPU."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def device_label(device: str) -> str:
     return f"cuda:{torch.cuda.get_device_name()}" if device == "cuda" else "cpu"
 
@@ -200,7 +176,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         "protocol": spec.protocol,
     }
     seed_everything(spec.seed)
-    reset_peak_memory(device)
+    memory = open_window(device)
     size = backbone.image_size
     manifest, train_items, val_items, classnames = few_shot_subset(spec, splits, spec.seed)
     if manifest is not None:
@@ -249,7 +225,7 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}")
     finally:
         record["trainable_params"] = method.trainable_parameters()
-        record["peak_mem_mb"] = peak_memory_mb(device)
+        record.update(peak_mem_mb=memory.peak_mb(), memory_basis=memory.basis, machine_load=machine_load())
         record["finished_at"] = datetime.now(timezone.utc).replace(tzinfo=None)
     return record
 

@@ -52,6 +52,8 @@ COLUMNS = {
     "packages": "VARCHAR",  # versions of the libraries that produced the number
     "protocol": "VARCHAR",  # evaluation protocol; NULL in databases from before protocols: fewshot
     "digest": "VARCHAR",  # sha256 of the row's content and its evaluations as stored (`row_digest`); NULL: from before digests
+    "memory_basis": "VARCHAR",  # what peak_mem_mb measures (harness.cost); NULL: from before, the process's peak
+    "machine_load": "DOUBLE",  # 1-minute load average per core at the run's end (harness.cost)
 }
 
 
@@ -309,7 +311,10 @@ def insert_record(con: duckdb.DuckDBPyConnection, record: dict, replace: bool = 
         raise
 
 
-SEALED = [name for name in COLUMNS if name != "digest"]
+# The columns every digest covers; columns added since are sealed only where a row has them, so the
+# rows stored before they existed keep their digests.
+SEALED = list(COLUMNS)[: list(COLUMNS).index("digest")]
+SEALED_WHEN_PRESENT = list(COLUMNS)[list(COLUMNS).index("digest") + 1 :]
 
 
 def _canonical(value) -> str:
@@ -318,11 +323,14 @@ def _canonical(value) -> str:
 
 def row_digest(con: duckdb.DuckDBPyConnection, config_hash: str) -> str:
     """sha256 over a stored run's columns and its evaluations, as the database returns them."""
-    row = con.execute(f"SELECT {', '.join(SEALED)} FROM runs WHERE config_hash = ?", [config_hash]).fetchone()
+    have = {r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'runs'").fetchall()}
+    later_columns = [name for name in SEALED_WHEN_PRESENT if name in have]  # a read-only older database lacks them
+    row = con.execute(f"SELECT {', '.join(SEALED + later_columns)} FROM runs WHERE config_hash = ?", [config_hash]).fetchone()
     evaluations = con.execute(
         f"SELECT {', '.join(EVAL_COLUMNS)} FROM evaluations WHERE config_hash = ? ORDER BY target, dataset", [config_hash]
     ).fetchall()
-    payload = json.dumps([[_canonical(v) for v in row], [[_canonical(v) for v in e] for e in evaluations]])
+    later = {name: _canonical(v) for name, v in zip(later_columns, row[len(SEALED) :]) if v is not None}
+    payload = json.dumps([[_canonical(v) for v in row[: len(SEALED)]], [[_canonical(v) for v in e] for e in evaluations]] + ([later] if later else []))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -105,6 +105,10 @@ def test_closed_set_methods_are_not_applicable_to_new_classes(tmp_path, capsys):
     exported = pd.read_csv(out / "protocols.csv").set_index(["method", "target"])  # the protocol numbers are exported too
     assert exported.loc[("tip_adapter", "new"), "n_seeds"] == 0 and "trained on" in exported.loc[("tip_adapter", "new"), "not_applicable"]
     assert exported.loc[("zero_shot", "base"), "mean"] == pytest.approx(b)
+    markdown, latex = (out / "leaderboard.md").read_text(), (out / "leaderboard.tex").read_text()
+    assert "## Base-to-new (tiny, demo suite)" in markdown and "| method | base | new | H |" in markdown
+    assert "tip_adapter" in markdown.split("## Base-to-new")[1] and "n/a" in markdown.split("## Base-to-new")[1]
+    assert "% Base-to-new (tiny, demo suite)" in latex and "base & new & H" in latex
     assert "CoCoOp, Zhou et al. CVPR 2022" not in html  # published averages are for ViT-B/16 only
     baseline = tmp_path / "b.csv"  # check guards the headline and every per-target number
     assert run_cli(["check", "--db", str(db), "--update", "--baseline", str(baseline)]) == 0

@@ -8,10 +8,12 @@ aggregation, not any method's accuracy.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
 from datetime import datetime, timedelta
+from html import unescape as html_unescape
 from pathlib import Path
 
 import pandas as pd
@@ -191,23 +193,114 @@ def test_report_without_database_is_a_usage_error(tmp_path, capsys):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+# Runs in the page after layout and leaves its findings in <pre id="probe">: page overflow, the rendered
+# size of every plot's text, legend boxes against axes boxes, and each legend entry's colour.
+PROBE = """<script>
+(function () {
+  const box = (el) => el.getBoundingClientRect();
+  const meets = (a, b) => a.left < b.right - 0.5 && b.left < a.right - 0.5 && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5;
+  const out = {overflow: document.documentElement.scrollWidth - document.documentElement.clientWidth, plots: []};
+  for (const svg of document.querySelectorAll("figure.plot svg")) {
+    const scale = box(svg).width / svg.viewBox.baseVal.width;
+    const fonts = [...svg.querySelectorAll("text")].map((t) => parseFloat(getComputedStyle(t).fontSize) * scale);
+    const axes = [...svg.querySelectorAll("g[id^=axes_]")].map(box);
+    const legends = [...svg.querySelectorAll("g[id^=legend_]")];
+    const entries = legends.flatMap((g) => [...g.children].filter((c) => c.id.startsWith("line2d")).map((line) => {
+      const label = line.nextElementSibling && line.nextElementSibling.querySelector("text");
+      return [label ? label.textContent : "", line.querySelector("path").style.stroke];
+    }));
+    out.plots.push({cd: svg.closest("figure").classList.contains("cd"), minFont: Math.min(...fonts),
+                    overlaps: legends.filter((g) => axes.some((a) => meets(box(g), a))).length, entries});
+  }
+  const pre = document.createElement("pre"); pre.id = "probe"; pre.textContent = JSON.stringify(out); document.body.appendChild(pre);
+})();
+</script>"""
+
+
+def _lab(colour: str) -> tuple[float, float, float]:
+    """CIELAB of a CSS colour (hex or rgb()), to measure how far apart two colours look."""
+    if colour.startswith("rgb"):
+        channels = [int(v) / 255 for v in re.findall(r"\d+", colour)[:3]]
+    else:
+        channels = [int(colour.lstrip("#")[i : i + 2], 16) / 255 for i in (0, 2, 4)]
+    r, g, b = [((c + 0.055) / 1.055) ** 2.4 if c > 0.04045 else c / 12.92 for c in channels]
+    xyz = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047, 0.2126 * r + 0.7152 * g + 0.0722 * b, (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883
+    fx, fy, fz = [t ** (1 / 3) if t > 0.008856 else 7.787 * t + 16 / 116 for t in xyz]
+    return 116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI: apt-get install -y chromium); the browser check needs it")
 def test_report_in_headless_chromium(rendered, tmp_path):
-    """Open the page as a reader would: the DOM has the leaderboard and the plots, the console logs no error."""
+    """Open the page as a reader would, at the widths readers use (1280 and 1920 px): the DOM has the
+    leaderboard, its rank rule and the plots; the console logs no error; nothing is wider than the
+    page; every plot's text renders at 11 px or more; no legend covers an axes; every method has its
+    own colour, at least 15 CIELAB units from every other; intervals stay inside [0, 100]."""
     _, out = rendered
-    url = (out / "index.html").resolve().as_uri()
+    page = out / "probe.html"
+    page.write_text((out / "index.html").read_text().replace("</body>", PROBE + "</body>"))
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
-    def browse(*extra: str) -> subprocess.CompletedProcess:
+    def browse(url: str, *extra: str) -> subprocess.CompletedProcess:
         profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
         return subprocess.run([*flags, f"--user-data-dir={profile}", *extra, url], capture_output=True, text=True, timeout=120)
 
-    dom = browse("--dump-dom", "--enable-logging=stderr", "--v=0")
+    dom = browse((out / "index.html").resolve().as_uri(), "--dump-dom", "--enable-logging=stderr", "--v=0")
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'class="board"' in dom.stdout and dom.stdout.count("<svg") >= 4
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line or "Failed to load" in line]
     assert not console, "\n".join(console)
+    rule = re.search(r'<p class="rule">(.*?)</p>', dom.stdout, re.S).group(1)
+    assert "Ranked by average rank" in rule and "critical-difference diagram applies the same rule" in rule
+    bounds = [float(v) for pair in re.findall(r'<span class="ci">\[([\d.]+), ([\d.]+)\]</span>', dom.stdout) for v in pair]
+    assert bounds and 0 <= min(bounds) and max(bounds) <= 100
+
+    for width in (1280, 1920):
+        probed = browse(page.resolve().as_uri(), "--dump-dom", f"--window-size={width},1000")
+        found = json.loads(html_unescape(re.search(r'<pre id="probe">(.*?)</pre>', probed.stdout, re.S).group(1)))
+        assert found["overflow"] <= 0, f"the page is {found['overflow']} px wider than a {width} px window"
+        assert len(found["plots"]) >= 4 and any(p["cd"] for p in found["plots"])
+        for plot in found["plots"]:
+            assert plot["minFont"] >= 11, f"text at {plot['minFont']:.1f} px in a plot at {width} px"
+            assert plot["overlaps"] == 0
+            methods = {label.replace(" (incomplete)", ""): colour for label, colour in plot["entries"] if label and "reference" not in label
+                       and label not in ("published", "ours (mean \u00b1 std)")}
+            labs = [_lab(c) for c in methods.values()]
+            closest = min((math.dist(a, b) for i, a in enumerate(labs) for b in labs[i + 1 :]), default=math.inf)
+            assert closest >= 15, f"two methods' colours are {closest:.1f} CIELAB units apart: {methods}"
+    assert any(" (incomplete)" in label for plot in found["plots"] for label, _ in plot["entries"])  # drawn apart, and said so
     shot = tmp_path / "report.png"
-    result = browse(f"--screenshot={shot}", "--window-size=1440,2400")
+    result = browse((out / "index.html").resolve().as_uri(), f"--screenshot={shot}", "--window-size=1440,2400")
     assert result.returncode == 0 and shot.stat().st_size > 10_000, result.stderr[-2000:]
+
+
+def test_one_rank_rule_in_the_table_the_exports_the_cd_diagrams_and_compare(rendered):
+    """Per shot count the CSV's avg_rank is the critical-difference diagram's average rank; the
+    leaderboard's order is the average rank over every (dataset, shots) pair among the methods complete
+    everywhere; `compare` applies the same rule to its two methods; gain is over zero-shot."""
+    from harness import api
+    from harness.report.aggregate import load_runs, ok_runs
+    from harness.report.significance import rank_block
+
+    db, out = rendered
+    board = pd.read_csv(out / "leaderboard.csv")
+    section = board[(board.suite == "standard") & (board.backbone == "ViT-B-16")]
+    runs, _ = load_runs(db)
+    ok, _ = ok_runs(runs)
+    ok = ok[(ok.suite == "standard") & (ok.backbone == "ViT-B-16")]
+    for k in (1, 4, 16):
+        column = section[(section.shots == k) & section.avg_rank.notna()]
+        cd = rank_block(ok[ok.shots == k], sorted(column.method), sorted(STANDARD))
+        assert dict(zip(cd.methods, cd.avg_rank)) == pytest.approx(dict(zip(column.method, column.avg_rank)))
+    assert set(section[(section.shots == 16) & section.avg_rank.notna()].method) == {"coop_ctx4", "tip_adapter_f", "block_lora"}
+    ranked = section.dropna(subset=["overall_rank"]).drop_duplicates("method").sort_values("overall_avg_rank")
+    assert list(ranked.method) == ["tip_adapter_f", "coop_ctx4"]  # clip_lora misses a seed, block_lora has a failed run
+    markdown = (out / "leaderboard.md").read_text()
+    markdown = markdown[markdown.index("## ViT-B-16"):]
+    assert markdown.index("| 1 | tip_adapter_f |") < markdown.index("| 2 | coop_ctx4 |") < markdown.index("|  | block_lora |")
+    assert "Ranked by average rank" in (out / "leaderboard.tex").read_text()
+    few = section[section.shots > 0]
+    assert few["gain"].to_numpy() == pytest.approx((few["mean"] - section[section.method == "zero_shot"]["mean"].iloc[0]).to_numpy())
+    result = api.compare("coop_ctx4", "tip_adapter_f", db, backbone="ViT-B-16", suite="standard")
+    assert result.avg_rank == pytest.approx(tuple(ranked.set_index("method").loc[["coop_ctx4", "tip_adapter_f"], "overall_avg_rank"]))
+    assert "the report's rule" in result.ranking

@@ -233,6 +233,11 @@ def test_cpu_peak_memory_is_per_run(tmp_path, monkeypatch):
     db = tmp_path / "d.duckdb"
     assert run_cli(["run", "--suite", "demo", "-m", "hungry", "-d", "demo_colours,demo_shapes", "--shots", "1", "--seeds", "1", "--db", str(db)]) == 0
     con = duckdb.connect(str(db), read_only=True)
-    peak = dict(con.execute("SELECT dataset, peak_mem_mb FROM runs").fetchall())
+    rows = con.execute("SELECT dataset, peak_mem_mb, memory_basis, machine_load FROM runs").fetchall()
     con.close()
+    peak = {dataset: mb for dataset, mb, _, _ in rows}
     assert peak["demo_colours"] - peak["demo_shapes"] > 300  # the later, small run does not inherit the big one's peak
+    # The run's own rise over the process's resident memory: the big run's 400 MB, not the process's ~1 GB.
+    assert 380 < peak["demo_colours"] < 600 and peak["demo_shapes"] < 200
+    assert {basis for _, _, basis, _ in rows} == {"cpu resident increase"}
+    assert all(load is not None and load >= 0 for *_, load in rows)

@@ -11,13 +11,22 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.published import display_name, published_frame
-from harness.stats import Z95, clip_percent, interval, t_interval
+from harness.stats import Z95, clip_percent, interval, ranks, t_interval
 from harness.store import connect
 
 CELL = ["suite", "backbone", "method", "dataset", "shots"]
 SEED_MARK = "\u2020"  # dagger: fewer seeds than the grid's maximum
 DATA_MARK = "\u2021"  # double dagger: datasets missing from the average
 TIED_MARK = "\u2248"  # approximately equal: statistically tied with the column's best
+ZERO_SHOT = "zero_shot"  # the reference that `gain` is measured against
+# The one ranking rule: the leaderboard's order, the exports' `rank` columns, the critical-difference
+# diagrams and `harness compare` all apply it (Demsar 2006, as the CD diagram needs).
+RANK_RULE = (
+    "Ranked by average rank: within every (dataset, shot count) pair the methods are ranked by top-1 "
+    "(mean over seeds; 1 = best, ties share the average rank), and the ranks are averaged over the pairs; "
+    "only methods with every dataset and seed at every shot count are ranked, and each critical-difference "
+    "diagram applies the same rule to one shot count."
+)
 
 
 def load_runs(db: Path, published: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -145,21 +154,61 @@ def aggregate(runs: pd.DataFrame, published: pd.DataFrame) -> Aggregate:
         (SEED_MARK if s < es else "") + (DATA_MARK if d < ed else "")
         for s, es, d, ed in zip(board["n_seeds"], board["expected_seeds"], board["n_datasets"], board["expected_datasets"])
     ]
-    # Rank complete few-shot cells within each (suite, backbone, shots) column; references (shots=0) are not ranked.
-    rankable = board["complete"] & (board["shots"] > 0)
-    board["rank"] = pd.NA
-    board.loc[rankable, "rank"] = (
-        board[rankable].groupby(["suite", "backbone", "shots"])["mean"].rank(ascending=False, method="min").astype(int)
-    )
+    board = rank_board(board, datasets)
     board = board.sort_values(["suite", "backbone", "shots", "mean"], ascending=[True, True, True, False]).reset_index(drop=True)
     return Aggregate(runs, ok, failed, published, datasets, board, grids, superseded)
 
 
+def _average_ranks(per_ds: pd.DataFrame, methods: list[str], blocks: list[str]) -> pd.Series:
+    """RANK_RULE on one set of methods: mean over seeds per block, ranked within each block (1 =
+    best, ties share the average rank), averaged over the blocks every method has."""
+    table = per_ds[per_ds["method"].isin(methods)].pivot_table(index=blocks, columns="method", values="mean").reindex(columns=methods).dropna()
+    if not len(methods) or table.empty:
+        return pd.Series(dtype=float)
+    return pd.Series(ranks(methods, table.to_numpy()).avg_rank, index=methods)
+
+
+def _positions(avg_rank: pd.Series) -> pd.Series:
+    return avg_rank.rank(method="min").astype(int)
+
+
+def rank_board(board: pd.DataFrame, per_ds: pd.DataFrame) -> pd.DataFrame:
+    """Per column (suite, backbone, shots): `avg_rank` over datasets and `rank` among the column's
+    complete methods (the critical-difference diagram's numbers). Per section: `overall_avg_rank`
+    and `overall_rank` over every (dataset, shots) pair among the methods complete at every shot
+    count (the leaderboard's order); `gain` over the zero-shot reference's average, in points."""
+    board = board.copy()
+    for col in ("avg_rank", "rank", "overall_avg_rank", "overall_rank", "gain"):
+        board[col] = pd.NA if "rank" in col else math.nan
+    for (suite, backbone), section in board.groupby(["suite", "backbone"]):
+        few = section[section["shots"] > 0]
+        ds = per_ds[(per_ds.suite == suite) & (per_ds.backbone == backbone) & (per_ds.shots > 0)]
+        for shots, column in few.groupby("shots"):
+            methods = sorted(column.loc[column["complete"], "method"])
+            avg = _average_ranks(ds[ds.shots == shots], methods, ["dataset"])
+            for method, value in avg.items():
+                at = column.index[column["method"] == method]
+                board.loc[at, "avg_rank"] = value
+                board.loc[at, "rank"] = _positions(avg)[method]
+        shot_counts = set(few["shots"])
+        complete = few[few["complete"]].groupby("method")["shots"].agg(set)
+        everywhere = sorted(m for m, s in complete.items() if s == shot_counts)
+        avg = _average_ranks(ds, everywhere, ["dataset", "shots"])
+        for method, value in avg.items():
+            at = section.index[section["method"] == method]
+            board.loc[at, "overall_avg_rank"] = value
+            board.loc[at, "overall_rank"] = _positions(avg)[method]
+        reference = section[(section["shots"] == 0) & (section["method"] == ZERO_SHOT)]["mean"]
+        if len(reference):
+            board.loc[few.index, "gain"] = few["mean"] - float(reference.iloc[0])
+    return board.astype({"avg_rank": "Float64", "overall_avg_rank": "Float64", "rank": "Int64", "overall_rank": "Int64", "gain": float})
+
+
 def method_order(board: pd.DataFrame) -> list[str]:
-    """References (shots=0) first, then methods by mean rank over shot columns (best first), then unranked."""
+    """References (shots=0) first, then the ranked methods by RANK_RULE, then the others by mean accuracy."""
     refs = sorted(board.loc[board["shots"] == 0, "method"].unique())
     few = board[(board["shots"] > 0) & ~board["method"].isin(refs)]
-    mean_rank = few.groupby("method")["rank"].agg(lambda r: pd.to_numeric(r, errors="coerce").mean())
+    overall = few.groupby("method")["overall_avg_rank"].agg(lambda r: pd.to_numeric(r, errors="coerce").min())
     mean_acc = few.groupby("method")["mean"].mean()
-    key = {m: (0 if pd.notna(mean_rank.get(m)) else 1, mean_rank.get(m) if pd.notna(mean_rank.get(m)) else 0, -mean_acc[m]) for m in mean_acc.index}
+    key = {m: (0, overall[m], -mean_acc[m]) if pd.notna(overall.get(m)) else (1, 0, -mean_acc[m]) for m in mean_acc.index}
     return refs + sorted(key, key=key.get)

@@ -11,11 +11,16 @@ from markupsafe import Markup
 from harness.report.aggregate import Aggregate
 
 
-def method_colours(methods: list[str]) -> dict[str, str]:
-    import matplotlib
+FONT = 10  # points: at the page's widths every label renders at 11 px or more (checked in the browser test)
 
-    palette = matplotlib.colormaps["tab10"].colors + matplotlib.colormaps["Dark2"].colors
-    return {m: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, m in enumerate(sorted(methods))}
+
+def method_colours(methods: list[str]) -> dict[str, str]:
+    """One colour per method from Glasbey's palette for white backgrounds (colorcet.glasbey_dark):
+    its first 30 colours are at least 20 CIELAB units apart, so no two methods share a hue."""
+    import colorcet
+
+    palette = colorcet.glasbey_dark
+    return {m: palette[i % len(palette)] for i, m in enumerate(sorted(methods))}
 
 
 def svg(fig, name: str) -> Markup:
@@ -62,10 +67,12 @@ def curves_svg(agg: Aggregate, suite: str, backbone: str, colours: dict[str, str
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False)
     xs = shots
     used = []
+    incomplete = set(board.loc[~board["complete"], "method"])
     for ax, (title, frame) in zip(axes.flat, panels):
         for method in sorted(frame["method"].unique()):
             mine = frame[frame.method == method].sort_values("shots")
             colour = colours[method]
+            style = {"ls": (0, (4, 2)), "lw": 1.2, "alpha": 0.6} if method in incomplete else {"lw": 1.8}
             theirs = pub[(pub.method == method) & (pub.dataset == title)] if title != "average" or same_datasets else pub.iloc[:0]
             if (mine["shots"] == 0).all():  # zero-shot reference: flat line across the shot axis
                 value = mine["mean"].iloc[0]
@@ -75,29 +82,32 @@ def curves_svg(agg: Aggregate, suite: str, backbone: str, colours: dict[str, str
                     ax.axhline(ref.iloc[0], color=colour, lw=1.0, ls="--", alpha=0.7)
             else:
                 mine = mine[mine.shots > 0]
-                ax.plot(mine["shots"], mine["mean"], color=colour, marker="o", ms=3.5, lw=1.8)
+                ax.plot(mine["shots"], mine["mean"], color=colour, marker="o", ms=3.5, **style)
                 ax.fill_between(mine["shots"], mine["mean"] - mine["std"].fillna(0), mine["mean"] + mine["std"].fillna(0), color=colour, alpha=0.15, lw=0)
                 theirs = theirs[theirs.shots > 0].sort_values("shots")
                 if len(theirs):
                     ax.plot(theirs["shots"], theirs["top1"], color=colour, ls="--", marker="x", ms=4, lw=1.1, alpha=0.8)
             used.append(method)
-        ax.set_title("Average over datasets" if title == "average" else title, fontsize=10, fontweight="bold" if title == "average" else "normal")
+        ax.set_title("Average over datasets" if title == "average" else title, fontsize=FONT + 1, fontweight="bold" if title == "average" else "normal")
         _shot_axis(ax, xs)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(labelsize=FONT)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
-        ax.set_ylabel("top-1 (%)", fontsize=9)
+        ax.set_ylabel("top-1 (%)", fontsize=FONT)
     for ax in axes[-1, :]:
-        ax.set_xlabel("shots per class", fontsize=9)
-    handles = [Line2D([], [], color=colours[m], marker="o", ms=4, lw=2, label=m) for m in sorted(set(used))]
+        ax.set_xlabel("shots per class", fontsize=FONT)
+    handles = [Line2D([], [], color=colours[m], marker="o", ms=4, lw=2, label=m) for m in sorted(set(used) - incomplete)]
+    handles += [Line2D([], [], color=colours[m], marker="o", ms=4, lw=1.2, ls=(0, (4, 2)), alpha=0.6, label=f"{m} (incomplete)")
+                for m in sorted(set(used) & incomplete)]
     handles += [
         Line2D([], [], color="#555", lw=1.8, label="ours (mean \u00b1 std)"),
         Line2D([], [], color="#555", lw=1.1, ls="--", marker="x", label="published"),
         Line2D([], [], color="#555", lw=1.4, ls=(0, (1, 1.5)), label="0-shot reference"),
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8.5, frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.tight_layout(rect=(0, 0.06 if nrows > 1 else 0.1, 1, 1))
+    fig.tight_layout()
+    # Above the panels, outside every axes: it can never cover a curve or an axis label.
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=FONT, frameon=False, bbox_to_anchor=(0.5, 1.0))
     return svg(fig, f"curves-{suite}-{backbone}")
 
 
@@ -107,8 +117,17 @@ def _number(values: pd.Series, how: str) -> float:
     return float(getattr(values, how)()) if len(values) else math.nan
 
 
+def _basis(runs: pd.DataFrame) -> str:
+    bases = sorted(set(runs["memory_basis"].dropna())) if "memory_basis" in runs else []
+    if len(runs) and (not bases or runs["memory_basis"].isna().any()):
+        bases.append("process peak (older runs)")
+    return " + ".join(bases)
+
+
 def efficiency(agg: Aggregate, suite: str, backbone: str) -> tuple[pd.DataFrame, int | None]:
-    """Per method at the largest shot count: average accuracy, trainable params, train time, peak memory."""
+    """Per method at the largest shot count: average accuracy, trainable params, and the median over its
+    runs (datasets and seeds) of train time, peak memory and machine load, so one run slowed by a busy
+    machine does not decide a method's cost; `memory_basis` says what the memory figure measures."""
     ok = agg.ok[(agg.ok.suite == suite) & (agg.ok.backbone == backbone)]
     shots = agg.grids[(suite, backbone)]["shots"]
     k = max(shots) if shots else None
@@ -123,10 +142,13 @@ def efficiency(agg: Aggregate, suite: str, backbone: str) -> tuple[pd.DataFrame,
             "accuracy": cell["mean"].iloc[0] if len(cell) else math.nan,
             "flag": cell["flag"].iloc[0] if len(cell) else "",
             "trainable_params": _number(group["trainable_params"], "median"),
-            "train_seconds": _number(group["train_seconds"], "mean"),
-            "peak_mem_mb": _number(group["peak_mem_mb"], "mean"),
+            "train_seconds": _number(group["train_seconds"], "median"),
+            "peak_mem_mb": _number(group["peak_mem_mb"], "median"),
+            "machine_load": _number(group["machine_load"], "median") if "machine_load" in group else math.nan,
+            "memory_basis": _basis(group),
         })
-    frame = pd.DataFrame(rows, columns=["method", "shots", "accuracy", "flag", "trainable_params", "train_seconds", "peak_mem_mb"])
+    frame = pd.DataFrame(rows, columns=["method", "shots", "accuracy", "flag", "trainable_params", "train_seconds", "peak_mem_mb",
+                                        "machine_load", "memory_basis"])
     return frame.sort_values("accuracy", ascending=False).reset_index(drop=True), k
 
 
@@ -142,13 +164,16 @@ def efficiency_svg(frame: pd.DataFrame, k: int | None, name: str, colours: dict[
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for ax, (col, label, scale) in zip(axes, specs):
         for _, row in frame.iterrows():
-            ax.scatter(row[col], row["accuracy"], s=42, color=colours[row["method"]], zorder=3)
-            ax.annotate(row["method"], (row[col], row["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            colour = colours[row["method"]]
+            hollow = bool(row["flag"])  # incomplete: drawn apart, as an open marker
+            ax.scatter(row[col], row["accuracy"], s=42, color="white" if hollow else colour, edgecolors=colour, linewidths=1.5, zorder=3)
+            ax.annotate(row["method"] + (row["flag"] if hollow else ""), (row[col], row["accuracy"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=FONT - 1, color=colour)
         if scale == "symlog":
             ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel(label, fontsize=9)
+        ax.set_xlabel(label, fontsize=FONT)
         ax.grid(True, alpha=0.3)
-        ax.tick_params(labelsize=8)
-    axes[0].set_ylabel(f"avg top-1 (%), {k}-shot" if k else "avg top-1 (%)", fontsize=9)
+        ax.tick_params(labelsize=FONT)
+    axes[0].set_ylabel(f"avg top-1 (%), {k}-shot" if k else "avg top-1 (%)", fontsize=FONT)
     fig.tight_layout()
     return svg(fig, f"efficiency-{name}")

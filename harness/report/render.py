@@ -11,8 +11,8 @@ from markupsafe import Markup
 
 import harness
 from harness.errors import HarnessError
-from harness.report.aggregate import DATA_MARK, SEED_MARK, TIED_MARK, aggregate, load_runs
-from harness.report.exports import groups_in_order, leaderboard_latex, leaderboard_markdown
+from harness.report.aggregate import DATA_MARK, RANK_RULE, SEED_MARK, TIED_MARK, aggregate, load_runs
+from harness.report.exports import groups_in_order, leaderboard_latex, leaderboard_markdown, protocols_latex, protocols_markdown
 from harness.report.plots import curves_svg, efficiency, efficiency_svg, method_colours
 from harness.report.protocols import protocol_sections, protocol_table
 from harness.report.provenance import provenance
@@ -70,7 +70,7 @@ def render(db: Path, out: Path) -> dict[str, Path]:
     html = env.get_template("report.html.j2").render(
         css=Markup(css), sections=sections, protocols=sections_by_protocol, gaps=gaps.to_dict("records"), gap_summary=gap_summary, gap_shots=gap_shots, failed=failed, prov=provenance(every_run),
         n_ok=int((every_run.status == 'ok').sum()), n_runs=len(every_run), n_failed=int((every_run.status != 'ok').sum()), superseded=agg.superseded,
-        seed_mark=SEED_MARK, data_mark=DATA_MARK, tied_mark=TIED_MARK, db=str(db), version=harness.__version__,
+        seed_mark=SEED_MARK, data_mark=DATA_MARK, rank_rule=RANK_RULE, tied_mark=TIED_MARK, db=str(db), version=harness.__version__,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         sources=sorted(published["source"].unique()) if len(published) else [], altered=altered,
     )
@@ -80,7 +80,9 @@ def render(db: Path, out: Path) -> dict[str, Path]:
                "protocols": out / "protocols.csv"}
     written["html"].write_text(html, encoding="utf-8")
     agg.leaderboard.to_csv(written["csv"], index=False, float_format="%.4f")
-    written["md"].write_text(leaderboard_markdown(agg.leaderboard, agg.ok), encoding="utf-8")
-    written["tex"].write_text(leaderboard_latex(agg.leaderboard, agg.ok), encoding="utf-8")
+    written["md"].write_text("\n".join(filter(None, [leaderboard_markdown(agg.leaderboard, agg.ok), protocols_markdown(sections_by_protocol)])),
+                             encoding="utf-8")
+    written["tex"].write_text("\n".join(filter(None, [leaderboard_latex(agg.leaderboard, agg.ok), protocols_latex(sections_by_protocol)])),
+                              encoding="utf-8")
     protocol_table(db, every_run).to_csv(written["protocols"], index=False, float_format="%.4f")
     return written

@@ -15,7 +15,7 @@ from markupsafe import Markup
 
 from harness.compare import compare, pair_runs
 from harness.errors import HarnessError
-from harness.report.plots import svg
+from harness.report.plots import FONT, svg
 from harness.stats import Ranks, paired, ranks
 
 
@@ -76,15 +76,15 @@ def cd_diagram(r: Ranks, name: str) -> Markup:
 
     k = len(r.methods)
     order = np.argsort(r.avg_rank)
-    fig, ax = plt.subplots(figsize=(6.4, 1.0 + 0.25 * k))
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.32 * k))
     ax.set_xlim(k + 0.3, 0.7)  # rank 1 on the right, as in Demsar (2006)
     ax.set_ylim(-(0.8 * k + 0.5), 1.6)
     ax.axhline(0, color="#333", lw=1)
     for rank in range(1, k + 1):
         ax.plot([rank, rank], [0, 0.15], color="#333", lw=1)
-        ax.text(rank, 0.3, str(rank), ha="center", va="bottom", fontsize=8)
+        ax.text(rank, 0.3, str(rank), ha="center", va="bottom", fontsize=FONT)
     ax.plot([1, 1 + r.cd], [1.2, 1.2], color="#c0392b", lw=2)
-    ax.text(1 + r.cd / 2, 1.3, f"CD = {r.cd:.2f}", ha="center", va="bottom", fontsize=8, color="#c0392b")
+    ax.text(1 + r.cd / 2, 1.3, f"CD = {r.cd:.2f}", ha="center", va="bottom", fontsize=FONT, color="#c0392b")
     for line, i in enumerate(order):
         y = -(line + 1) * 0.8
         x = r.avg_rank[i]
@@ -92,7 +92,7 @@ def cd_diagram(r: Ranks, name: str) -> Markup:
         left = x > (k + 1) / 2
         ax.plot([x, k + 0.2 if left else 0.8], [y, y], color="#555", lw=0.8)
         ax.text(k + 0.25 if left else 0.75, y, f"{r.methods[i]} ({x:.2f})", ha="left" if not left else "right",
-                va="center", fontsize=8)
+                va="center", fontsize=FONT)
     cliques = []
     ranked = [r.avg_rank[i] for i in order]
     for start in range(k):
@@ -104,7 +104,7 @@ def cd_diagram(r: Ranks, name: str) -> Markup:
         ax.plot([ranked[s] - 0.03, ranked[e] + 0.03], [y, y], color="#111", lw=3)
     ax.axis("off")
     p = "n/a" if math.isnan(r.friedman_p) else f"{r.friedman_p:.3g}"
-    ax.set_title(f"average rank over {r.n_blocks} datasets (Friedman p = {p}; Nemenyi, alpha 0.05)", fontsize=8)
+    ax.set_title(f"average rank over {r.n_blocks} datasets (Friedman p = {p}; Nemenyi, alpha 0.05)", fontsize=FONT)
     return svg(fig, name)
 
 

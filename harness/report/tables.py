@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 
 from harness.cards import suite_cards
@@ -25,7 +23,9 @@ def interval_text(lo: float, hi: float) -> str:
 
 
 def wide_table(cells: pd.DataFrame, methods: list[str], shots: list[int], with_rank: bool, ok: pd.DataFrame) -> dict:
-    """methods x shots as a template-friendly dict; zero-shot rows repeat their value in every column.
+    """methods x shots as a template-friendly dict; zero-shot rows repeat their value in every column;
+    with_rank adds each method's rank, average rank (RANK_RULE) and gain over zero-shot (mean over the
+    shot columns it has).
     Each value carries its 95 % interval; emphasis follows significance (`column_emphasis`) over the
     runs `ok` behind the cells: 'best' only when significantly ahead of every other entry, 'tied'
     for the entries not significantly apart from the top one."""
@@ -55,17 +55,12 @@ def wide_table(cells: pd.DataFrame, methods: list[str], shots: list[int], with_r
                                  "flag": row.get("flag", "") or (SEED_MARK if row["n_seeds"] < row["expected_seeds"] else ""),
                                  "cls": cls + (" flagged" if note else ""), "note": note})
         if with_rank and not reference:
-            ranks = pd.to_numeric(mine["rank"], errors="coerce").dropna()
-            out["rank_value"] = ranks.mean() if len(ranks) else math.inf
-            out["mean_rank"] = f"{ranks.mean():.1f}" if len(ranks) else "\u2013"
+            overall = pd.to_numeric(mine["overall_avg_rank"], errors="coerce").dropna()
+            gains = pd.to_numeric(mine["gain"], errors="coerce").dropna()
+            out["rank"] = str(int(mine["overall_rank"].dropna().iloc[0])) if len(overall) else ""
+            out["avg_rank"] = f"{overall.iloc[0]:.2f}" if len(overall) else "\u2013"
+            out["gain"] = f"{gains.mean():+.2f}" if len(gains) else "\u2013"
         rows.append(out)
-    if with_rank:
-        order = sorted((r for r in rows if not r["reference"]), key=lambda r: r["rank_value"])
-        position = 0
-        for i, r in enumerate(order):
-            if math.isfinite(r["rank_value"]):
-                position = i + 1 if i == 0 or r["rank_value"] != order[i - 1]["rank_value"] else position
-                r["rank"] = str(position)
     return {"header": header, "rows": rows}
 
 
