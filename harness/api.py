@@ -39,6 +39,7 @@ def run(
     db: str | Path | None = None,
     sets: dict | None = None,
     protocol: str = "fewshot",
+    recipe: str | None = None,
     sampler: str = "coop",
     splits: str | Path | None = None,
     device: str = "auto",
@@ -57,7 +58,9 @@ def run(
     stored (one row per run, `method` the leaderboard name), or with `dry_run` the planned grid with a
     `stored` column. `.attrs["failed"]` is True when a run or a job failed. Shots default to the
     protocol's (1, 2, 4, 8, 16 for few-shot), backbones to the suite's. `sets` overrides
-    hyper-parameters ({"n_ctx": 4}); `cluster` is a `harness.distributed.ClusterOptions`."""
+    hyper-parameters ({"n_ctx": 4}); `recipe` takes another protocol's recipe ("fewshot": the few-shot
+    recipe under base2new; "base2new" under fewshot; None: the protocol's own); `cluster` is a
+    `harness.distributed.ClusterOptions`."""
     from harness.backbones import resolve_weights
     from harness.cards import get_card, suite_cards, suites
     from harness.data.fewshot import check_sampler
@@ -77,6 +80,8 @@ def run(
         raise HarnessError("Name a method with -m/--method NAME (see `harness list methods`) or pass --all-methods.")
     suite_cards(suite)  # an unknown suite is refused by name
     evaluation = get_protocol(protocol)
+    if recipe is not None:
+        get_protocol(recipe)  # an unknown recipe is refused by name
     names = evaluation.datasets(suite, [c.name for c in suite_cards(suite)] if all_datasets else list(datasets or []))
     if not names:
         raise HarnessError(f"Name a dataset with -d/--dataset NAME or pass --all-datasets (suite '{suite}').")
@@ -107,7 +112,8 @@ def run(
         split_hashes = {(n, k, s): read_split_files(loaded[n], Path(splits), k, s)[1]
                         for n in names for k in shot_list if k > 0 for s in seed_list}
     grid = build_grid(methods, names, suite, shot_list, seed_list, identities, prec, dict(sets or {}), sampler=sampler,
-                      split_hashes=split_hashes, splits_dir=str(Path(splits).resolve()) if splits else None, protocol=protocol)
+                      split_hashes=split_hashes, splits_dir=str(Path(splits).resolve()) if splits else None, protocol=protocol,
+                      recipe=recipe)
     db_path = paths.db_path(db)
     records_dir = Path(records) if records else default_records_dir(db_path)
     weights_paths = {b: weights for b in backbones}

@@ -48,6 +48,7 @@ def run(
     db: Optional[Path] = typer.Option(None, help="Run database (env HARNESS_DB, default results/harness.duckdb)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Hyper-parameter override KEY=VALUE, repeatable."),
     protocol: str = typer.Option("fewshot", help="fewshot, base2new, cross_dataset or domain_shift (datasets/_protocols.yaml)."),
+    recipe: Optional[str] = typer.Option(None, help="Whose hyper-parameters: another protocol's recipe (fewshot, base2new, ...); default: the protocol's own, as each paper ran it."),
     sampler: str = typer.Option("coop", help="Few-shot sampling protocol: coop (CoOp/Dassl) or clip_lora (CLIP-LoRA's code)."),
     splits: Optional[Path] = typer.Option(None, help="Read few-shot subsets from split files under DIR/<dataset folder>/split_fewshot/ instead of sampling."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -75,7 +76,7 @@ def run(
     runs = api.run(
         _split(method), _split(dataset), suite=suite, all_methods=all_methods, all_datasets=all_datasets,
         shots=_ints(shots, "--shots") if shots else None, seeds=_ints(seeds, "--seeds"), backbones=_split(backbone),
-        weights=weights, data_root=data_root, db=db, sets=parse_sets(set_ or []), protocol=protocol, sampler=sampler,
+        weights=weights, data_root=data_root, db=db, sets=parse_sets(set_ or []), protocol=protocol, recipe=recipe, sampler=sampler,
         splits=splits, device=device, precision=precision, force=force, dry_run=dry_run, executor=executor, jobs=jobs,
         records=records, wait=wait, method_paths=method_path,
         cluster=ClusterOptions(partition, gpus_per_job, cpus_per_job, mem_gb, time_min, array_parallelism, account, qos),

@@ -2,8 +2,9 @@
 
 Hyper-parameters resolve in this order: the method's defaults (the official recipe), the dataset
 card's recipe (e.g. CoOp's 50 epochs on ImageNet), the protocol's recipe where the method's paper
-ran that protocol (e.g. CoCoOp's CoOp baseline for base-to-new), the suite's overrides (the demo's
-smaller budgets), then `--set KEY=VALUE`. The resolved config, not the command line, is what is hashed.
+ran that protocol (e.g. CoCoOp's CoOp baseline for base-to-new; `--recipe` takes another protocol's,
+`fewshot` none), the suite's overrides (the demo's smaller budgets), then `--set KEY=VALUE`. The
+resolved config, not the command line, is what is hashed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
 # What the runner adds to a run's stored config after planning (the drawn subset's hash, the method's
 # official code, how its hyper-parameters were chosen): recorded, but not part of the run's identity.
-RUNTIME_CONFIG_KEYS = ("manifest_hash", "source", "selection")
+# `recipe` names the protocol whose recipe a run's hyper-parameters follow; they are hashed, so it is not.
+RUNTIME_CONFIG_KEYS = ("manifest_hash", "source", "selection", "recipe")
 
 
 def config_hash_of(config: dict) -> str:
@@ -52,6 +54,7 @@ class RunSpec:
     protocol: str = "fewshot"  # evaluation protocol (datasets/_protocols.yaml)
     # a plugin method's source (harness/plugins.py): its file's sha256, or its distribution and version; None: built-in
     method_source: dict | None = field(default=None, hash=False, compare=False)
+    recipe: str | None = field(default=None, hash=False, compare=False)  # whose recipe (a protocol's name); None: the protocol's own
 
     @property
     def config(self) -> dict:
@@ -64,6 +67,7 @@ class RunSpec:
             **subset,
             **evaluation,
             **source,
+            "recipe": self.recipe or self.protocol,
             "protocol": PROTOCOL_VERSION,
             "method": self.method,
             "hparams": self.hparams,
@@ -151,11 +155,20 @@ def method_class(name: str):
     return REGISTRY[method_and_variant(name)[0]]
 
 
-def resolve_hparams(method: str, dataset: str, suite: str, sets: dict, protocol: str = "fewshot") -> tuple[dict, dict]:
+def recipe_for(method: str, protocol: str, recipe: str | None = None) -> tuple[dict, str]:
+    """The protocol recipe a run applies (over the method's defaults and card) and whose it is: the
+    protocol's own, or `recipe`'s (another protocol's; `fewshot`: none). A recipe that sets nothing
+    different for this method is the protocol's own: the same hyper-parameters are the same run."""
+    own = get_protocol(protocol).recipes.get(method, {})
+    chosen = own if recipe in (None, protocol) else get_protocol(recipe).recipes.get(method, {})
+    return dict(chosen), protocol if chosen == own else recipe
+
+
+def resolve_hparams(method: str, dataset: str, suite: str, sets: dict, protocol: str = "fewshot",
+                    recipe: str | None = None) -> tuple[dict, dict]:
     cls = method_class(method)
     overrides = suites()[suite].get("overrides", {}).get(method, {})
-    recipe = get_protocol(protocol).recipes.get(method, {})
-    hp = {**cls.defaults, **get_card(dataset).recipe_for(method), **recipe, **overrides}
+    hp = {**cls.defaults, **get_card(dataset).recipe_for(method), **recipe_for(method, protocol, recipe)[0], **overrides}
     hp.update({k: v for k, v in sets.items() if k in cls.defaults})
     return cls.resolve(validate(method, hp, cls.schema)), dict(overrides)
 
@@ -186,6 +199,7 @@ def build_grid(
     split_hashes: dict[tuple[str, int, int], str] | None = None,  # (dataset, shots, seed) -> sha256, for --splits
     splits_dir: str | None = None,
     protocol: str = "fewshot",
+    recipe: str | None = None,  # another protocol's recipe (`fewshot`: the few-shot one); None: the protocol's own
 ) -> list[RunSpec]:
     chosen = [method_and_variant(name) for name in methods]  # paper variants (coop_ctx4) are their method + hparams
     unknown = [k for k in sets if not any(k in REGISTRY[m].defaults for m, _ in chosen)]
@@ -196,7 +210,8 @@ def build_grid(
     for backbone, weights in backbones.items():
         for dataset in datasets:
             for method, variant in chosen:
-                hp, overrides = resolve_hparams(method, dataset, suite, {**variant, **sets}, protocol)
+                hp, overrides = resolve_hparams(method, dataset, suite, {**variant, **sets}, protocol, recipe)
+                whose = recipe_for(method, protocol, recipe)[1]
                 problem = REGISTRY[method].config_error(hp, get_card(dataset))
                 if problem:
                     raise HarnessError(f"{method} on {dataset}: {problem}")
@@ -212,5 +227,6 @@ def build_grid(
                             splits_hash=split_hashes[(dataset, k, seed)] if files else None,
                             protocol=protocol,
                             method_source=method_source(method),
+                            recipe=whose,
                         ))
     return grid

@@ -52,8 +52,11 @@ def protocol_tags(config: dict, with_protocol: bool = True) -> list[str]:
     other than CoOp's, the full-val search, other templates): runs that differ here are different
     rows, never averaged together."""
     tags = []
-    if with_protocol and config.get("eval_protocol", "fewshot") != "fewshot":
-        tags.append(config["eval_protocol"])
+    protocol = config.get("eval_protocol", "fewshot")
+    if with_protocol and protocol != "fewshot":
+        tags.append(protocol)
+    if config.get("recipe", protocol) != protocol:  # another protocol's recipe: another row
+        tags.append(f"{config['recipe']} recipe")
     sampler = config.get("sampler")
     if sampler == "files":
         tags.append("split files")

@@ -41,9 +41,11 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
 ForwardBackward = Callable[[torch.Tensor, torch.Tensor, torch.amp.GradScaler], torch.Tensor]
 
 
-def train(task: Task, params: list[torch.Tensor], hp: dict, epochs: int, forward_backward: ForwardBackward, desc: str) -> list[float]:
+def train(task: Task, params: list[torch.Tensor], hp: dict, epochs: int, forward_backward: ForwardBackward, desc: str,
+          on_epoch_end: Callable[[int], None] | None = None) -> list[float]:
     """Run the loop; returns each epoch's learning rate. `hp` holds lr, momentum, weight_decay,
-    warmup_epochs, warmup_lr, batch_size and crop_scale (the method's resolved recipe)."""
+    warmup_epochs, warmup_lr, batch_size and crop_scale (the method's resolved recipe);
+    `on_epoch_end(epoch)` runs after each epoch's last step (PromptSRC's prompt aggregation)."""
     images = task.train_originals()  # decoded once per few-shot set, on the device
     labels = task.train.labels.to(task.device)
     n, bs = len(images), hp["batch_size"]
@@ -68,6 +70,8 @@ def train(task: Task, params: list[torch.Tensor], hp: dict, epochs: int, forward
             scaler.step(optimizer)
             scaler.update()
             step += 1
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
         steps.advance()
     guard.close()
     return epoch_lrs

@@ -56,10 +56,52 @@ def _cell(values: pd.Series, reasons: pd.Series) -> dict:
 
 
 def _recipe_note(protocol: str, configs: pd.Series, method: str) -> str:
+    """Whose hyper-parameters the runs followed: the protocol's recipe (with its source), another
+    protocol's (`--recipe`), or the method's few-shot recipe where its paper has none for this protocol."""
     recipes = get_protocol(protocol).recipes
-    bases = {json.loads(c).get("method") if isinstance(c, str) else None for c in configs}
-    used = [b for b in bases if b in recipes]
+    parsed = [json.loads(c) if isinstance(c, str) else (c or {}) for c in configs]
+    whose = {c.get("recipe", protocol) for c in parsed}
+    if whose - {protocol}:
+        return ", ".join(f"{w} recipe" for w in sorted(whose - {protocol}))
+    used = [c.get("method") for c in parsed if c.get("method") in recipes]
     return f"{get_protocol(protocol).recipe_source} recipe" if used else "few-shot recipe at the protocol's shots"
+
+
+RECIPE_TAG = " recipe)"
+
+
+def _split_recipe(name: str) -> tuple[str, str | None]:
+    """'maple (fewshot recipe)' -> ('maple', 'fewshot'); a name without the tag -> (name, None)."""
+    if not name.endswith(RECIPE_TAG) or " (" not in name:
+        return name, None
+    base, _, tag = name.rpartition(" (")
+    return base, tag[: -len(RECIPE_TAG)]
+
+
+def recipe_rows(sections: list[dict], leaderboard: pd.DataFrame) -> list[dict]:
+    """Each method run under another protocol's recipe (`--recipe`) beside its own: the headline under
+    its own recipe, under the other, and the drop (own minus other), per protocol section and, for the
+    few-shot leaderboard, per shot count."""
+    out = []
+    for section in sections:
+        key = (lambda r: r["avg"][2]) if section["kind"] == "base2new" else (lambda r: r["avg"])
+        values = {r["method"]: key(r) for r in section["rows"]}
+        where = f"{section['protocol']} ({section['backbone']}, {section['suite']})"
+        for name, value in values.items():
+            base, other = _split_recipe(name)
+            if other and base in values:
+                out.append({"where": where, "method": base, "own": values[base], "other_recipe": other, "other": value,
+                            "metric": "H" if section["kind"] == "base2new" else "average"})
+    for row in leaderboard[leaderboard.shots > 0].itertuples():
+        base, other = _split_recipe(row.method)
+        mine = leaderboard[(leaderboard.method == base) & (leaderboard.shots == row.shots) & (leaderboard.suite == row.suite)
+                           & (leaderboard.backbone == row.backbone)]
+        if other and len(mine):
+            out.append({"where": f"fewshot ({row.backbone}, {row.suite}), {row.shots}-shot", "method": base, "own": float(mine["mean"].iloc[0]),
+                        "other_recipe": other, "other": float(row.mean), "metric": "top-1"})
+    for r in out:
+        r["drop"] = r["own"] - r["other"]
+    return out
 
 
 def base2new_section(ev: pd.DataFrame, published: pd.DataFrame) -> dict:

@@ -14,7 +14,7 @@ from harness.errors import HarnessError
 from harness.report.aggregate import DATA_MARK, RANK_RULE, SEED_MARK, TIED_MARK, aggregate, load_runs
 from harness.report.exports import groups_in_order, leaderboard_latex, leaderboard_markdown, protocols_latex, protocols_markdown
 from harness.report.plots import curves_svg, efficiency, efficiency_svg, method_colours
-from harness.report.protocols import protocol_sections, protocol_table
+from harness.report.protocols import protocol_sections, protocol_table, recipe_rows
 from harness.report.provenance import provenance
 from harness.report.significance import pair_matrix, prompt_spread, rank_sections
 from harness.report.tables import gap_table, wide_table
@@ -68,7 +68,7 @@ def render(db: Path, out: Path) -> dict[str, Path]:
     env.filters["count"] = lambda v: "\u2013" if v is None or pd.isna(v) else f"{int(v):,}"
     css = env.loader.get_source(env, "report.css")[0]
     html = env.get_template("report.html.j2").render(
-        css=Markup(css), sections=sections, protocols=sections_by_protocol, gaps=gaps.to_dict("records"), gap_summary=gap_summary, gap_shots=gap_shots, failed=failed, prov=provenance(every_run),
+        css=Markup(css), sections=sections, protocols=sections_by_protocol, recipes=recipe_rows(sections_by_protocol, agg.leaderboard), gaps=gaps.to_dict("records"), gap_summary=gap_summary, gap_shots=gap_shots, failed=failed, prov=provenance(every_run),
         n_ok=int((every_run.status == 'ok').sum()), n_runs=len(every_run), n_failed=int((every_run.status != 'ok').sum()), superseded=agg.superseded,
         seed_mark=SEED_MARK, data_mark=DATA_MARK, rank_rule=RANK_RULE, tied_mark=TIED_MARK, db=str(db), version=harness.__version__,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
