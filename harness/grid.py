@@ -2,8 +2,8 @@
 
 Hyper-parameters resolve in this order: the method's defaults (the official recipe), the dataset
 card's recipe (e.g. CoOp's 50 epochs on ImageNet), the protocol's recipe where the method's paper
-ran that protocol (e.g. CoCoOp's CoOp baseline for base-to-new; `--recipe` takes another protocol's,
-`fewshot` none), the suite's overrides (the demo's smaller budgets), then `--set KEY=VALUE`. The
+ran that protocol, with its per-dataset exceptions (e.g. CoCoOp's CoOp baseline for base-to-new,
+MMRL's per-dataset lambda; `--recipe` takes another protocol's), the suite's overrides (the demo's smaller budgets), then `--set KEY=VALUE`. The
 resolved config, not the command line, is what is hashed.
 """
 
@@ -155,20 +155,25 @@ def method_class(name: str):
     return REGISTRY[method_and_variant(name)[0]]
 
 
-def recipe_for(method: str, protocol: str, recipe: str | None = None) -> tuple[dict, str]:
+def recipe_for(method: str, dataset: str, protocol: str, recipe: str | None = None) -> tuple[dict, str]:
     """The protocol recipe a run applies (over the method's defaults and card) and whose it is: the
-    protocol's own, or `recipe`'s (another protocol's; `fewshot`: none). A recipe that sets nothing
-    different for this method is the protocol's own: the same hyper-parameters are the same run."""
-    own = get_protocol(protocol).recipes.get(method, {})
-    chosen = own if recipe in (None, protocol) else get_protocol(recipe).recipes.get(method, {})
-    return dict(chosen), protocol if chosen == own else recipe
+    protocol's own, or `recipe`'s (another protocol's; `fewshot`: none), with the dataset's own
+    exceptions (`datasets:`) applied. A recipe that sets nothing different for this method is the
+    protocol's own: the same hyper-parameters are the same run."""
+    def of(name: str) -> dict:
+        entry = dict(get_protocol(name).recipes.get(method, {}))
+        return {**entry, **entry.pop("datasets", {}).get(dataset, {})}
+
+    own = of(protocol)
+    chosen = own if recipe in (None, protocol) else of(recipe)
+    return chosen, protocol if chosen == own else recipe
 
 
 def resolve_hparams(method: str, dataset: str, suite: str, sets: dict, protocol: str = "fewshot",
                     recipe: str | None = None) -> tuple[dict, dict]:
     cls = method_class(method)
     overrides = suites()[suite].get("overrides", {}).get(method, {})
-    hp = {**cls.defaults, **get_card(dataset).recipe_for(method), **recipe_for(method, protocol, recipe)[0], **overrides}
+    hp = {**cls.defaults, **get_card(dataset).recipe_for(method), **recipe_for(method, dataset, protocol, recipe)[0], **overrides}
     hp.update({k: v for k, v in sets.items() if k in cls.defaults})
     return cls.resolve(validate(method, hp, cls.schema)), dict(overrides)
 
@@ -211,7 +216,7 @@ def build_grid(
         for dataset in datasets:
             for method, variant in chosen:
                 hp, overrides = resolve_hparams(method, dataset, suite, {**variant, **sets}, protocol, recipe)
-                whose = recipe_for(method, protocol, recipe)[1]
+                whose = recipe_for(method, dataset, protocol, recipe)[1]
                 problem = REGISTRY[method].config_error(hp, get_card(dataset))
                 if problem:
                     raise HarnessError(f"{method} on {dataset}: {problem}")

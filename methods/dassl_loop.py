@@ -5,7 +5,8 @@ holds only what its paper changes: the forward pass and the loss.
 Per epoch: the learning rate of `coop_lr` (epoch 1 constant warm-up, then cosine, stepped per
 epoch), a fresh permutation, batches of `batch_size` (the last incomplete one dropped when the set
 fills at least one batch, Dassl's rule), RandomResizedCrop + flip crops drawn in that order from
-torch's global generator, SGD with momentum and weight decay, the last epoch kept.
+torch's global generator, SGD with momentum and weight decay (AdamW where the recipe's `optim` says
+so, as Dassl's OPTIM.NAME), the last epoch kept.
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ ForwardBackward = Callable[[torch.Tensor, torch.Tensor, torch.amp.GradScaler], t
 
 def train(task: Task, params: list[torch.Tensor], hp: dict, epochs: int, forward_backward: ForwardBackward, desc: str,
           on_epoch_end: Callable[[int], None] | None = None) -> list[float]:
-    """Run the loop; returns each epoch's learning rate. `hp` holds lr, momentum, weight_decay,
-    warmup_epochs, warmup_lr, batch_size and crop_scale (the method's resolved recipe);
+    """Run the loop; returns each epoch's learning rate. `hp` holds lr, momentum (SGD), weight_decay,
+    warmup_epochs, warmup_lr, batch_size, crop_scale and optionally optim (the method's resolved recipe);
     `on_epoch_end(epoch)` runs after each epoch's last step (PromptSRC's prompt aggregation)."""
     images = task.train_originals()  # decoded once per few-shot set, on the device
     labels = task.train.labels.to(task.device)
     n, bs = len(images), hp["batch_size"]
-    optimizer = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    if hp.get("optim", "sgd") == "adamw":  # Dassl's adamw (MMRL): betas 0.9 / 0.999, decoupled weight decay
+        optimizer = torch.optim.AdamW(params, lr=hp["lr"], betas=(0.9, 0.999), weight_decay=hp["weight_decay"])
+    else:
+        optimizer = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
     scaler = task.grad_scaler()
     guard = FiniteGuard()
     steps = task.start_steps(epochs, f"{desc} epochs")

@@ -18,7 +18,7 @@ import torch
 from open_clip.model import CLIP
 
 
-def _blocks(transformer):
+def resblocks(transformer):
     if not transformer.batch_first:
         raise ValueError("deep prompts need a batch-first open_clip transformer (open_clip >= 2.23)")
     return transformer.resblocks
@@ -43,7 +43,7 @@ def vision_tower(model: CLIP, pixels: torch.Tensor, prompts: torch.Tensor | None
         x = torch.cat([x.unsqueeze(0).expand(s, -1, -1, -1), prompts.to(x.dtype).unsqueeze(1).expand(-1, b, -1, -1)], dim=2)
     s = x.shape[0]
     x = visual.ln_pre(x.flatten(0, 1))
-    for i, block in enumerate(_blocks(visual.transformer)):
+    for i, block in enumerate(resblocks(visual.transformer)):
         if 1 <= i <= len(deep):
             p = deep[i - 1].to(x.dtype)
             x = torch.cat([x[:, : -p.shape[1]], p.unsqueeze(1).expand(-1, b, -1, -1).flatten(0, 1)], dim=1)
@@ -58,7 +58,7 @@ def text_tower(model: CLIP, embeddings: torch.Tensor, eot_index: torch.Tensor, d
     length = embeddings.shape[1]
     x = embeddings + model.positional_embedding[:length].to(embeddings.dtype)
     mask = model.attn_mask[:length, :length]
-    for i, block in enumerate(_blocks(model.transformer)):
+    for i, block in enumerate(resblocks(model.transformer)):
         if 1 <= i <= len(deep):
             p = deep[i - 1].to(x.dtype)
             x = torch.cat([x[:, :1], p.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, 1 + p.shape[0] :]], dim=1)

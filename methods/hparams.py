@@ -36,7 +36,7 @@ class Param:
         else:
             bounds = [f">= {self.ge}" if self.ge is not None else "", f"> {self.gt}" if self.gt is not None else "",
                       f"<= {self.le}" if self.le is not None else "", f"< {self.lt}" if self.lt is not None else ""]
-            kind = f"a list of {self.length} {self.item.__name__}s" if self.kind is list else f"a{'n' if self.kind is int else ''} {self.kind.__name__}"
+            kind = f"a list of {f'{self.length} ' if self.length else ''}{self.item.__name__}s" if self.kind is list else f"a{'n' if self.kind is int else ''} {self.kind.__name__}"
             text = " ".join([kind, " and ".join(b for b in bounds if b)]).strip()
         return text + (" or null" if self.optional else "")
 

@@ -19,7 +19,7 @@ Adaptation without Forgetting", ICCV 2023. Follows muzairkhattak/PromptSRC@bb95c
 - Gaussian prompt aggregation (GPA, promptsrc.py:263-270, 320-335): after every epoch the prompts are added
   to a running sum with weight N(e; gpa_mean, gpa_std), the weights normalised over epochs 1..E to sum to 1;
   the sum replaces the prompts at the end. Few-shot config: 50 epochs, GPA 30/30 (ImageNet, Caltech, Pets,
-  Food, UCF, SUN) or 45/5 (Cars, Flowers, Aircraft, DTD, EuroSAT: their dataset cards), ..._few_shot.yaml;
+  Food, UCF, SUN) or 45/5 (Cars, Flowers, Aircraft, DTD, EuroSAT), ..._few_shot.yaml:42-47 (the few-shot protocol recipe);
   base-to-new: 20 epochs, 15/1; cross-dataset and domain shift: 20 epochs, depth 3, 6/10 (the protocol
   recipes in datasets/_protocols.yaml);
 - Dassl SGD lr 0.0025, momentum 0.9, weight decay 5e-4, batch 4, epoch 1 constant 1e-5 then cosine per
@@ -111,7 +111,7 @@ class PromptSRC(Method):
         "prompt_depth_vision": 9,
         "text_loss_weight": 25.0,
         "image_loss_weight": 10.0,
-        "gpa_mean": 30.0,  # few-shot config; 45 / 5 on five datasets (their cards)
+        "gpa_mean": 30.0,  # few-shot config; 45 / 5 on five datasets (datasets/_protocols.yaml, fewshot)
         "gpa_std": 30.0,
         "epochs": 50,
         **DASSL_DEFAULTS,

@@ -2,19 +2,23 @@
 mechanism pinned against an independent computation, parameter counts on the real ViT-B/16
 architecture, and demo runs under the protocols."""
 
+import dataclasses
 import math
 
 import duckdb
 import pytest
 import torch
 import torch.nn.functional as F
+from runs import eval_images
 from test_coop import make_task
 
 from harness.backbones import Backbone, build_architecture, encode_text
 from harness.cli import run_cli
+from harness.data.images import normalize
 from harness.grid import build_grid, resolve_hparams
 from harness.published import display_name
 from methods import REGISTRY, promptsrc
+from methods.mmrl import SCALE
 from methods.promptsrc import TEACHER_TEMPLATES, gpa_weights
 
 
@@ -118,7 +122,7 @@ def test_each_protocol_takes_its_papers_recipe_unless_told_otherwise():
     own, _ = resolve_hparams("promptsrc", "dtd", "standard", {}, "base2new")
     few, _ = resolve_hparams("promptsrc", "dtd", "standard", {}, "base2new", recipe="fewshot")
     assert (own["epochs"], own["gpa_mean"], own["gpa_std"]) == (20, 15, 1)
-    assert (few["epochs"], few["gpa_mean"], few["gpa_std"]) == (50, 45, 5)  # DTD's card: GPA 45 / 5 in the few-shot config
+    assert (few["epochs"], few["gpa_mean"], few["gpa_std"]) == (50, 45, 5)  # DTD: GPA 45 / 5 in the few-shot config
     cross, _ = resolve_hparams("promptsrc", "imagenet", "standard", {}, "cross_dataset")
     assert (cross["prompt_depth_text"], cross["prompt_depth_vision"], cross["gpa_mean"], cross["gpa_std"]) == (3, 3, 6, 10)
     reverse, _ = resolve_hparams("promptsrc", "imagenet", "standard", {}, "fewshot", recipe="base2new")
@@ -155,3 +159,78 @@ def test_base_to_new_frontier_on_the_demo_under_both_recipes(tmp_path, demo_root
     html = (out / "index.html").read_text()
     recipes = html[html.index('id="recipes"'):html.index('id="gap"')]
     assert "promptsrc" in recipes and "fewshot" in recipes and "One recipe across protocols" in recipes
+
+
+# --- MMRL ------------------------------------------------------------------------------------------
+
+
+def test_mmrl_tokens_enter_only_the_representation_layers(tiny, demo_root):
+    task = make_task(tiny, "demo_shapes", 1)
+    method = built("mmrl", task, rep_layers=[2])
+    seen = {"text": [], "vision": []}
+    hooks = [b.register_forward_pre_hook(lambda m, a, k=k: seen[k].append(a[0].detach().clone()))
+             for k, tower in (("text", tiny.model.transformer), ("vision", tiny.model.visual.transformer)) for b in tower.resblocks]
+    with torch.no_grad():
+        method.text_features(task, method.tokens)
+        method.image_features(task, torch.rand(2, 3, tiny.image_size, tiny.image_size))
+    for h in hooks:
+        h.remove()
+    vision, text = method.learner.mapped()
+    patches = (tiny.image_size // tiny.model.visual.patch_size[0]) ** 2
+    length = method.tokens.argmax(-1).max() + 1
+    assert seen["vision"][0].shape[1] == 1 + patches and seen["text"][0].shape[1] == length  # layer 1: untouched
+    assert seen["vision"][1].shape[1] == 1 + 5 + patches and seen["text"][1].shape[1] == length + 5  # layer 2: K = 5 more
+    torch.testing.assert_close(seen["vision"][1][:, 1:6], vision[0].expand(2, -1, -1), rtol=0, atol=0)  # right after CLS
+    torch.testing.assert_close(seen["text"][1][:, 1:6], text[0].expand(len(task.classnames), -1, -1), rtol=0, atol=0)  # after BOT
+    both = built("mmrl", task, rep_layers=[1, 2])  # a later layer replaces the K outputs, it does not add more
+    seen = {"text": [], "vision": []}
+    hooks = [b.register_forward_pre_hook(lambda m, a, k=k: seen[k].append(a[0].detach().clone()))
+             for k, tower in (("text", tiny.model.transformer), ("vision", tiny.model.visual.transformer)) for b in tower.resblocks]
+    with torch.no_grad():
+        both.image_features(task, torch.rand(2, 3, tiny.image_size, tiny.image_size))
+    for h in hooks:
+        h.remove()
+    assert seen["vision"][0].shape[1] == seen["vision"][1].shape[1] == 1 + 5 + patches
+    torch.testing.assert_close(seen["vision"][1][:, 1:6], both.learner.mapped()[0][1].expand(2, -1, -1), rtol=0, atol=0)
+
+
+def test_mmrl_fuses_its_two_logits_only_on_its_training_classes(tiny, demo_root):
+    task = make_task(tiny, "demo_shapes", 1)
+    method = built("mmrl", task, rep_layers=[2])
+    images = eval_images(task)
+    with torch.no_grad():
+        pixels = images.eval_pixels()
+        image, rep = method.image_features(task, normalize(pixels, task.device))
+        text = method.text_features(task, method.tokens)
+        fused = method.predict(task, images)
+        new = method.predict(task, images, task.classnames[:3])
+    torch.testing.assert_close(fused, 0.7 * SCALE * image @ text.T + 0.3 * SCALE * rep @ text.T, rtol=0, atol=1e-4)
+    torch.testing.assert_close(new, SCALE * image @ text[:3].T, rtol=0, atol=1e-4)  # other classes: the class features alone
+    shifted = dataclasses.replace(images, dataset="demo_shapes_recolour")  # another dataset, the same names: a shifted domain
+    with torch.no_grad():
+        torch.testing.assert_close(method.predict(task, shifted), SCALE * image @ text.T, rtol=0, atol=1e-4)
+
+
+def test_mmrl_loss_is_the_official_sum(tiny, demo_root):
+    task = make_task(tiny, "demo_shapes", 1)
+    method = built("mmrl", task, rep_layers=[2], reg_weight=3.0)
+    gen = torch.Generator().manual_seed(0)
+    image, rep, clip_image = (F.normalize(torch.randn(4, tiny.embed_dim, generator=gen), dim=-1) for _ in range(3))
+    text = F.normalize(method.clip_text + 0.05 * torch.randn(method.clip_text.shape, generator=gen), dim=-1)
+    labels = torch.tensor([0, 1, 2, 0])
+    expected = (0.7 * F.cross_entropy(100 * image @ text.T, labels) + 0.3 * F.cross_entropy(100 * rep @ text.T, labels)
+                + 3.0 * (1 - (image * clip_image).sum(-1).mean()) + 3.0 * (1 - (text * method.clip_text).sum(-1).mean()))
+    assert float(method.loss(image, rep, text, clip_image, labels)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_mmrl_parameter_counts_on_vit_b16(demo_root):
+    """5 x 512 tokens + 7 x Linear(512, 768) + 7 x Linear(512, 512) + proj_rep 768 x 512 = 4,992,256;
+    EuroSAT's d_r = 2048: 18,762,496 (../shared/FRONTIER.md, MMRL section)."""
+    model = build_architecture("ViT-B-16").eval().requires_grad_(False)
+    task = make_task(Backbone("ViT-B-16", model, 224, "random", torch.device("cpu")), "demo_shapes", 1)
+    method = built("mmrl", task)
+    assert method.trainable_parameters() == 4_992_256
+    assert built("mmrl", task, rep_dim=2048).trainable_parameters() == 18_762_496
+    first = method.learner.to_vision[0]
+    assert all(torch.equal(a.weight, first.weight) and torch.equal(a.bias, first.bias) for a in method.learner.to_vision)  # cloned
+    assert float(method.learner.proj_rep.detach().std()) == pytest.approx(768**-0.5, rel=0.02)
