@@ -242,10 +242,19 @@ def protocols_of(cls) -> str:
 
 def method_record(cls, variant: dict, origin: str | None) -> Table:
     """One method's whole record, as `harness list methods NAME` prints it."""
+    from harness.protocols import protocols
+
     table = Table(show_header=False, show_lines=True, title=cls.name + (f" ({', '.join(f'{k}={v}' for k, v in variant.items())})" if variant else ""))
     rows = [("family", cls.family), ("paper", cls.paper), ("official code followed", cls.source),
             ("known deviations", cls.deviations), ("protocols", protocols_of(cls)),
             ("defaults", ", ".join(f"{k}={v}" for k, v in {**cls.defaults, **variant}.items()) or "none")]
+    for name, protocol in protocols().items():  # where its paper ran a protocol with other values
+        recipe = dict(protocol.recipes.get(cls.name, {}))
+        exceptions = recipe.pop("datasets", {})
+        if recipe or exceptions:
+            text = ", ".join(f"{k}={v}" for k, v in recipe.items()) or "the defaults"
+            text += "".join(f"; {d}: " + ", ".join(f"{k}={v}" for k, v in hp.items()) for d, hp in exceptions.items())
+            rows.append((f"{name} recipe", text))
     if origin:
         rows.append(("plugin", origin))
     for key, value in rows:

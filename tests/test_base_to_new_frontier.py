@@ -234,3 +234,22 @@ def test_mmrl_parameter_counts_on_vit_b16(demo_root):
     first = method.learner.to_vision[0]
     assert all(torch.equal(a.weight, first.weight) and torch.equal(a.bias, first.bias) for a in method.learner.to_vision)  # cloned
     assert float(method.learner.proj_rep.detach().std()) == pytest.approx(768**-0.5, rel=0.02)
+
+
+def test_published_promptsrc_and_mmrl_rows_load_and_agree_with_themselves():
+    from harness.protocols import harmonic_mean
+    from harness.published import generalisation_frame, published_frame
+
+    g = generalisation_frame()
+    b2n = g[g.protocol == "base2new"].pivot_table(index=["method", "dataset"], columns="metric", values="top1")
+    assert b2n.loc[("promptsrc", "average"), "hm"] == 79.97 and b2n.loc[("mmrl", "average"), "hm"] == 81.20
+    promptsrc_rows = b2n.loc["promptsrc"]
+    assert len(promptsrc_rows) == 12  # 11 datasets and the average
+    for dataset, row in promptsrc_rows.iterrows():  # every printed H is the harmonic mean of its base and new
+        assert harmonic_mean(row["base"], row["new"]) == pytest.approx(row["hm"], abs=0.02), dataset
+    cross = g[(g.protocol == "cross_dataset") & (g.method == "promptsrc")].set_index("target")["top1"]
+    targets = [t for t in cross.index if t not in ("imagenet", "average")]
+    assert len(targets) == 10 and sum(cross[targets]) / 10 == pytest.approx(cross["average"], abs=0.01)
+    few = published_frame()
+    few = few[few.method == "promptsrc"].pivot_table(index="dataset", columns="shots", values="top1")
+    assert few.loc["average", 16] == 82.87 and few.drop(index="average")[16].mean() == pytest.approx(82.87, abs=0.01)
