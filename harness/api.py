@@ -92,6 +92,7 @@ def run(
     backbones = list(backbones or []) or [suites()[suite]["default_backbone"]]
     if weights and len(backbones) > 1:
         raise HarnessError("--weights applies to one backbone; run each backbone with its own --weights.")
+    refuse_inapplicable(methods, backbones, all_methods, console)
     check_sampler(sampler)
     if executor not in EXECUTORS:
         raise HarnessError(f"--executor must be serial, local or slurm, not '{executor}'.")
@@ -215,6 +216,20 @@ def ingest_own_records(db_path: Path) -> int:
         return 0
     db_id = database_id(db_path, create=False) or "none"  # a database from before identities owns no record
     return ingest_records(folder, db_path, db_id).foreign
+
+
+def refuse_inapplicable(methods: list[str], backbones: list[str], all_methods: bool, console: Console) -> None:
+    """A method named on the command line that cannot run on a chosen backbone
+    (harness.backbones.refusal) is refused, with why, before any data is read; with --all-methods
+    the grid leaves out those (method, backbone) pairs, named here."""
+    from harness.backbones import refusal
+    from harness.grid import method_class
+
+    refused = [why for m in methods for b in backbones if (why := refusal(method_class(m), b))]
+    if refused and not all_methods:
+        raise HarnessError(" ".join(refused) + " See the applicability table: `harness list backbones`.")
+    for why in refused:
+        console.print(f"[yellow]skipped:[/] {why}")
 
 
 def check_class_sources(datasets: dict) -> None:

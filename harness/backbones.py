@@ -1,14 +1,22 @@
-"""CLIP backbones through open_clip: OpenAI ViT-B/16, ViT-B/32, ViT-L/14 (QuickGELU), and `tiny`.
+"""CLIP backbones through open_clip: OpenAI's ViT-B/16, ViT-B/32, ViT-L/14, RN50 and RN101
+(QuickGELU), any open_clip model with a pretrained tag (`ViT-B-16-SigLIP2:webli`, `EVA02-B-16:...`),
+and the small `tiny` (ViT), `tiny_rn` (ResNet) and `tiny_siglip` (timm ViT with attention pooling,
+non-causal last-token text tower, logit bias, squash resize and 0.5 mean / std) test backbones.
 
 Real weights come from a local file (`--weights`: an OpenAI TorchScript `.pt` or an open_clip
 checkpoint) or from the open_clip / Hugging Face caches. Nothing is ever downloaded: with neither,
 loading fails at once with a message saying how to provide the file. `tiny` is a small CLIP built
 from a config with seeded random weights (or the demo weights the repo pre-trains itself, if
 present), for tests and the demo suite.
+
+Each backbone brings its own preprocessing (image size, mean and std, resize mode) and tokenizer from
+open_clip's configs, and declares what its towers offer (`CAPABILITIES`): a method that needs
+something a backbone lacks is refused before any run, with the reason.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -23,12 +31,35 @@ import torch
 from open_clip.factory import load_state_dict
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
+from harness.data.images import CLIP_MEAN, CLIP_STD
 from harness.errors import HarnessError
 from harness.paths import atomic_write_text, cache_dir
 
-OPENAI_ARCH = {"ViT-B-16": "ViT-B-16-quickgelu", "ViT-B-32": "ViT-B-32-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu"}
-BACKBONES = (*OPENAI_ARCH, "tiny")
+OPENAI_ARCH = {"ViT-B-16": "ViT-B-16-quickgelu", "ViT-B-32": "ViT-B-32-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu",
+               "RN50": "RN50-quickgelu", "RN101": "RN101-quickgelu"}
+TINY = ("tiny", "tiny_rn", "tiny_siglip")
+BACKBONES = (*OPENAI_ARCH, *TINY)  # by name; any open_clip `MODEL:TAG` besides
 TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny_demo.safetensors"
+
+# What a method may need from a backbone's towers (Method.requires), in words for the refusal.
+CAPABILITIES = {
+    "clip_text": "CLIP's own text tower (token embeddings in, causal mask, EOT pooling) to put learned tokens into",
+    "vit_tokens": "a ViT image tower whose token sequence can take extra tokens",
+    "attention_blocks": "multi-head attention blocks (packed q, k, v) in both towers",
+    "visual_proj": "a visual projection matrix after the image tower's pooled token",
+    "block_layernorms": "LayerNorms in every block of both towers",
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The image tower's evaluation transform, from open_clip's pretrained config: resize (the shorter
+    side, then a centre crop, as CLIP; or `squash` to the square, as SigLIP), then mean / std."""
+
+    size: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resize_mode: str = "shortest"
 
 
 @dataclass
@@ -38,13 +69,23 @@ class Backbone:
     image_size: int
     weights: str  # identity of the weights, part of every run's config hash
     device: torch.device
+    preprocess: Preprocess | None = None  # None: CLIP's at image_size
+    tokenizer: object = None  # open_clip's tokenizer for this model; None: CLIP's BPE, 77 tokens
+
+    def __post_init__(self):
+        self.preprocess = self.preprocess or Preprocess(self.image_size)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return open_clip.tokenize(texts).to(self.device)
+        tokens = self.tokenizer(texts) if self.tokenizer is not None else open_clip.tokenize(texts)
+        return tokens.to(self.device)
 
     @property
     def embed_dim(self) -> int:
-        return self.model.text_projection.shape[1]
+        projection = getattr(self.model, "text_projection", None)
+        if isinstance(projection, torch.Tensor):
+            return projection.shape[1]
+        with torch.no_grad():  # a custom text tower (SigLIP, EVA-02): measure it
+            return int(self.model.encode_text(self.tokenize(["a"])).shape[-1])
 
 
 def build_tiny() -> CLIP:
@@ -59,15 +100,127 @@ def build_tiny() -> CLIP:
         )
 
 
+def build_tiny_rn() -> CLIP:
+    """A small ResNet CLIP (OpenAI's ModifiedResNet with attention pooling, one bottleneck per stage,
+    width 8; the tiny text tower) with seeded random weights: the ResNet path at test size."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return CLIP(
+            embed_dim=64,
+            vision_cfg=CLIPVisionCfg(layers=[1, 1, 1, 1], width=8, head_width=32, image_size=32),
+            text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+            quick_gelu=True,
+        )
+
+
+def build_tiny_siglip() -> CLIP:
+    """A small SigLIP-style CLIP with seeded random weights: a timm ViT image tower with attention
+    (MAP) pooling, a non-causal text tower pooled at its last token, a learned logit bias (SigLIP 2's
+    structure at test size; CLIP's BPE tokenizer stands in for SigLIP's, which is not available offline)."""
+    from open_clip.model import CustomTextCLIP
+    from timm.models import is_model, register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not is_model("harness_tiny_vit"):
+        @register_model
+        def harness_tiny_vit(pretrained=False, **kwargs):  # noqa: ARG001 - timm's factory signature
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+            return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, **kwargs)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return CustomTextCLIP(
+            embed_dim=64,
+            vision_cfg=CLIPVisionCfg(timm_model_name="harness_tiny_vit", timm_model_pretrained=False, timm_pool="map",
+                                     timm_proj="none", image_size=32),
+            text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2, no_causal_mask=True,
+                                 pool_type="last", proj_bias=True),
+            init_logit_bias=-10.0,
+        )
+
+
+TINY_CONFIGS = {  # the open_clip-style config of each test backbone, for `capabilities`
+    "tiny": {"vision_cfg": {"layers": 2, "image_size": 32}, "text_cfg": {}},
+    "tiny_rn": {"vision_cfg": {"layers": [1, 1, 1, 1], "image_size": 32}, "text_cfg": {}},
+    "tiny_siglip": {"custom_text": True, "vision_cfg": {"timm_model_name": "harness_tiny_vit", "image_size": 32},
+                    "text_cfg": {"no_causal_mask": True, "pool_type": "last"}},
+}
+TINY_BUILDERS = {"tiny": build_tiny, "tiny_rn": build_tiny_rn, "tiny_siglip": build_tiny_siglip}
+TINY_PREPROCESS = {"tiny_siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "squash")}
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """'ViT-B-16-SigLIP2:webli' -> (open_clip architecture, pretrained tag); a named backbone -> (its
+    architecture, None)."""
+    if name in OPENAI_ARCH:
+        return OPENAI_ARCH[name], None
+    arch, sep, tag = name.partition(":")
+    if name in TINY or not sep:
+        if name not in TINY:
+            close = difflib.get_close_matches(name, BACKBONES, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise HarnessError(f"Unknown backbone '{name}'.{hint} Choose one of: {', '.join(BACKBONES)}, or an open_clip "
+                               "MODEL:TAG (`harness list backbones`).")
+        return name, None
+    known = {(a, t) for a, t in open_clip.list_pretrained()}
+    if (arch, tag) not in known:
+        tags = sorted(t for a, t in known if a == arch)
+        hint = f" Tags of {arch}: {', '.join(tags)}." if tags else f" open_clip has no model '{arch}' (`open_clip.list_pretrained()`)."
+        raise HarnessError(f"Unknown backbone '{name}': open_clip has no pretrained {arch}:{tag}.{hint}")
+    return arch, tag
+
+
+def architecture_config(name: str) -> dict:
+    """open_clip's model config of a backbone (tiny: the equivalent dict)."""
+    if name in TINY_CONFIGS:
+        return TINY_CONFIGS[name]
+    return open_clip.get_model_config(split_name(name)[0]) or {}
+
+
+def capabilities(name: str) -> dict[str, str]:
+    """Which CAPABILITIES a backbone lacks, each with why; read from its config (no model built)."""
+    cfg = architecture_config(name)
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    resnet = isinstance(vision.get("layers"), (list, tuple))
+    timm = bool(vision.get("timm_model_name"))
+    missing = {}
+    if text.get("hf_model_name"):
+        missing["clip_text"] = f"its text tower is the Hugging Face model {text['hf_model_name']}"
+    elif text.get("no_causal_mask") or text.get("pool_type", "argmax") != "argmax":
+        missing["clip_text"] = "its text tower is not causal and EOT-pooled (SigLIP-style)"
+    elif cfg.get("custom_text"):
+        missing["clip_text"] = "its text tower is open_clip's separate TextTransformer (CustomTextCLIP), which the prompt code does not reach yet"
+    custom_text = "clip_text" in missing
+    if resnet or timm:
+        why = "its image tower is a ResNet with attention pooling" if resnet else f"its image tower is timm's {vision['timm_model_name']}"
+        missing.update({"vit_tokens": why, "visual_proj": why, "block_layernorms": why,
+                        "attention_blocks": why + (" (attention only in the final pooling)" if resnet else " (fused qkv, not adapted yet)")})
+    if custom_text:
+        missing.setdefault("attention_blocks", missing["clip_text"])
+        missing.setdefault("block_layernorms", missing["clip_text"])
+    return missing
+
+
+def refusal(method_cls, name: str) -> str | None:
+    """Why `method_cls` cannot run on backbone `name` (one line), or None."""
+    missing = capabilities(name)
+    for need in method_cls.requires:
+        if need in missing:
+            return f"{method_cls.name} cannot run on {name}: it needs {CAPABILITIES[need]}, and {missing[need]}."
+    return None
+
+
 def build_architecture(name: str) -> CLIP:
     """The backbone's architecture with random weights (tests, benchmarks, and before loading)."""
-    if name == "tiny":
-        return build_tiny()
-    if name not in OPENAI_ARCH:
-        raise HarnessError(f"Unknown backbone '{name}'. Choose one of: {', '.join(BACKBONES)}.")
+    if name in TINY_BUILDERS:
+        return TINY_BUILDERS[name]()
+    arch, tag = split_name(name)
+    quick_gelu = bool(tag and open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu"))  # e.g. DFN's, MetaCLIP's
     logging.getLogger().disabled, was = True, logging.getLogger().disabled  # open_clip warns "no pretrained weights"
     try:
-        return open_clip.create_model(OPENAI_ARCH[name], pretrained=None)
+        return open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu)
+    except (ImportError, RuntimeError) as exc:  # timm or transformers towers need their packages
+        raise HarnessError(f"Backbone {name} cannot be built here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
     finally:
         logging.getLogger().disabled = was
 
@@ -89,9 +242,9 @@ def file_identity(path: Path) -> str:
     return memo[key]
 
 
-def _cached_openai_file(name: str) -> Path | None:
-    """The OpenAI weights in open_clip's URL cache or the Hugging Face cache, if already there."""
-    cfg = open_clip.get_pretrained_cfg(OPENAI_ARCH[name], "openai")
+def _cached_file(arch: str, tag: str) -> Path | None:
+    """A pretrained checkpoint in open_clip's URL cache or the Hugging Face cache, if already there."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
     url_file = Path("~/.cache/clip").expanduser() / os.path.basename(cfg.get("url", ""))
     if cfg.get("url") and url_file.is_file():
         return url_file
@@ -131,28 +284,57 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def resolve_weights(name: str, weights: str | None = None) -> tuple[Path | None, str]:
-    """Which file to load and its identity, without building the model (fails fast when absent)."""
-    if name not in BACKBONES:
-        raise HarnessError(f"Unknown backbone '{name}'. Choose one of: {', '.join(BACKBONES)}.")
+    """Which file to load and its identity (source tag + sha256 prefix), without building the model
+    (fails fast when absent)."""
+    arch, tag = split_name(name)
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise HarnessError(f"Weights file {path} does not exist. Pass --weights PATH to an existing checkpoint.")
         return path, f"file:{file_identity(path)}"
-    if name == "tiny":
-        if TINY_WEIGHTS.is_file():
-            return TINY_WEIGHTS, f"tiny-demo:{file_identity(TINY_WEIGHTS)}"
-        return None, "tiny-random:seed0"
-    path = _cached_openai_file(name)
+    if name in TINY:
+        path = demo_weights_path(name)
+        if path.is_file():
+            return path, f"{name}-demo:{file_identity(path)}"
+        return None, f"{name}-random:seed0"
+    tag = tag or "openai"
+    path = _cached_file(arch, tag)
     if path is None:
+        what = f"OpenAI's {'/'.join(name.rsplit('-', 1)) if name.startswith('ViT') else name} checkpoint (e.g. {name}.pt from the CLIP release)" \
+            if tag == "openai" else f"the {arch} {tag} open_clip checkpoint"
         raise HarnessError(
             f"No weights for backbone {name}: they are not in the open_clip or Hugging Face cache and this tool "
-            f"never downloads. Either pass --weights PATH to OpenAI's {'/'.join(name.rsplit('-', 1))} checkpoint "
-            f"(e.g. {name}.pt from the CLIP release), or on a machine with internet run "
-            f"`python -c \"import open_clip; open_clip.create_model('{OPENAI_ARCH[name]}', pretrained='openai')\"` "
-            "and copy ~/.cache/huggingface to this machine."
+            f"never downloads. Either pass --weights PATH to {what}, or on a machine with internet run "
+            f"`python -c \"import open_clip; open_clip.create_model('{arch}', pretrained='{tag}')\"` "
+            "and copy ~/.cache/huggingface (and ~/.cache/clip) to this machine."
         )
-    return path, f"openai:{file_identity(path)}"
+    return path, f"{tag}:{file_identity(path)}"
+
+
+def demo_weights_path(name: str) -> Path:
+    """Where the weights scripts/pretrain_tiny.py trains for a test backbone live (shipped in assets/)."""
+    return TINY_WEIGHTS if name == "tiny" else TINY_WEIGHTS.with_name(f"{name}_demo.safetensors")
+
+
+def preprocess_of(name: str, image_size: int) -> Preprocess:
+    """The evaluation transform open_clip's pretrained config gives the backbone (CLIP's by default)."""
+    if name in TINY_PREPROCESS:
+        return Preprocess(image_size, *TINY_PREPROCESS[name])
+    arch, tag = split_name(name)
+    cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+    return Preprocess(image_size, tuple(cfg.get("mean") or CLIP_MEAN), tuple(cfg.get("std") or CLIP_STD), cfg.get("resize_mode") or "shortest")
+
+
+def tokenizer_of(name: str):
+    """open_clip's tokenizer for a MODEL:TAG backbone (None: CLIP's BPE with 77 tokens)."""
+    arch, tag = split_name(name)
+    if tag is None:
+        return None
+    try:
+        return open_clip.get_tokenizer(arch)
+    except Exception as exc:  # noqa: BLE001 - a Hugging Face tokenizer needs transformers and its files, offline
+        raise HarnessError(f"The tokenizer of {name} cannot be loaded here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): "
+                           "it needs the `transformers` package and the tokenizer files in the Hugging Face cache.") from None
 
 
 def load_backbone(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> Backbone:
@@ -167,7 +349,8 @@ def load_backbone(name: str, weights: str | None = None, device: str | torch.dev
             raise HarnessError(f"Weights in {path} do not fit backbone '{name}' ({detail}). Pick the matching -b/--backbone.") from None
     model = model.to(device).eval().requires_grad_(False)
     size = model.visual.image_size
-    return Backbone(name, model, size[0] if isinstance(size, tuple) else size, identity, torch.device(device))
+    size = size[0] if isinstance(size, tuple) else size
+    return Backbone(name, model, size, identity, torch.device(device), preprocess_of(name, size), tokenizer_of(name))
 
 
 @contextmanager
@@ -199,7 +382,10 @@ def encode_token_embeddings(model: CLIP, x: torch.Tensor, eot_index: torch.Tenso
 
 
 def encode_text(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
-    """Unnormalised text features, running the transformer on the prompt tokens only."""
+    """Unnormalised text features, running the transformer on the prompt tokens only (other text
+    towers: the model's own encode_text)."""
+    if not isinstance(model, CLIP) or getattr(model, "text_pool_type", "argmax") != "argmax" or model.attn_mask is None:
+        return model.encode_text(tokens)
     eot_index = tokens.argmax(dim=-1)
     tokens = tokens[:, : int(eot_index.max()) + 1]
     return encode_token_embeddings(model, model.token_embedding(tokens), eot_index)

@@ -189,7 +189,7 @@ def list_(
     method_path: Optional[list[Path]] = typer.Option(None, "--method-path", help="A .py file that registers a method (see README \"Add your method\"), repeatable."),
 ):
     """List registered methods (built-in and plugins), dataset cards or backbones."""
-    from harness.backbones import BACKBONES, OPENAI_ARCH
+    from harness.backbones import BACKBONES, OPENAI_ARCH, resolve_weights
     from harness.cards import all_cards
     from methods import REGISTRY
 
@@ -225,13 +225,26 @@ def list_(
         for card in all_cards().values():
             table.add_row(card.name, card.suite, card.folder, str(card.num_classes), str(card.test_size), card.template)
     elif what == "backbones":
-        table = Table("backbone", "architecture", "weights")
+        from harness.applicability import FAMILIES, rows
+
+        table = Table("backbone", "architecture", "weights here", title="named backbones (any open_clip MODEL:TAG works too, e.g. -b ViT-B-16-SigLIP2:webli)")
         for name in BACKBONES:
-            arch = OPENAI_ARCH.get(name, "small ViT CLIP (2+2 layers, width 64)")
-            table.add_row(name, arch, "OpenAI (local file or cache)" if name in OPENAI_ARCH else "seeded / demo-pretrained")
+            try:
+                found = resolve_weights(name)[1]
+            except HarnessError:
+                found = "[red]not cached[/] (--weights PATH)"
+            table.add_row(name, OPENAI_ARCH.get(name, TINY_ARCH.get(name, "")), found)
+        console.print(table)
+        table = Table("method", *FAMILIES, title="which method runs on which backbone family (from each method's `requires`)")
+        for method, cells in rows():
+            table.add_row(method, *[c if c == "yes" else f"[yellow]{c}[/]" for c in cells])
     else:
         raise HarnessError(f"`harness list` takes methods, datasets or backbones, not '{what}'.")
     console.print(table)
+
+
+TINY_ARCH = {"tiny": "small ViT CLIP (2+2 layers, width 64)", "tiny_rn": "small ResNet CLIP (attention pooling; 2-layer text)",
+             "tiny_siglip": "small SigLIP-style CLIP (timm ViT, MAP pooling; non-causal text, logit bias)"}
 
 
 def protocols_of(cls) -> str:

@@ -39,11 +39,11 @@ def target_set(target: Target, source: DatasetSplits, datasets: dict[str, Datase
         base, new = base_new_labels(range(len(source.classnames)))
         labels = base if target.subset == "base" else new
         items = restrict(source.test, labels, source.classnames)
-        return ImageSet(source.root, source.card.name, items, test.size, evaluation=True), clean([source.classnames[label] for label in labels])
+        return ImageSet(source.root, source.card.name, items, test.size, evaluation=True, resize_mode=test.resize_mode), clean([source.classnames[label] for label in labels])
     if target.dataset == source.card.name:
         return test, clean(source.classnames)
     splits = datasets[target.dataset]
-    return ImageSet(splits.root, target.dataset, splits.test, test.size, evaluation=True), clean(splits.classnames)
+    return ImageSet(splits.root, target.dataset, splits.test, test.size, evaluation=True, resize_mode=test.resize_mode), clean(splits.classnames)
 
 
 def score(method: Method, task: Task, images: ImageSet, names: list[str]) -> tuple[float | None, str]:

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 
 from harness import PROTOCOL_VERSION
+from harness.backbones import refusal
 from harness.cards import get_card, suites
 from harness.errors import HarnessError
 from harness.plugins import method_source
@@ -215,6 +216,8 @@ def build_grid(
     for backbone, weights in backbones.items():
         for dataset in datasets:
             for method, variant in chosen:
+                if refusal(REGISTRY[method], backbone):  # not on this backbone (refused or named by the caller)
+                    continue
                 hp, overrides = resolve_hparams(method, dataset, suite, {**variant, **sets}, protocol, recipe)
                 whose = recipe_for(method, dataset, protocol, recipe)[1]
                 problem = REGISTRY[method].config_error(hp, get_card(dataset))

@@ -181,8 +181,9 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
     manifest, train_items, val_items, classnames = few_shot_subset(spec, splits, spec.seed)
     if manifest is not None:
         record["config"] = {**spec.config, "manifest_hash": manifest.content_hash}
-    train = ImageSet(splits.root, spec.dataset, train_items, size)
-    val = ImageSet(splits.root, spec.dataset, val_items, size)
+    mode = backbone.preprocess.resize_mode
+    train = ImageSet(splits.root, spec.dataset, train_items, size, resize_mode=mode)
+    val = ImageSet(splits.root, spec.dataset, val_items, size, resize_mode=mode)
     learnable = dataclasses.replace(splits, test=[])  # what a recipe may draw other seeds' subsets from
     task = Task(
         card=splits.card,
@@ -193,10 +194,10 @@ def run_one(spec: RunSpec, backbone: Backbone, splits: DatasetSplits, test: Imag
         precision=spec.precision,
         train=train,
         val=val,
-        full_val=ImageSet(splits.root, spec.dataset, splits.val, size),
+        full_val=ImageSet(splits.root, spec.dataset, splits.val, size, resize_mode=mode),
         start_steps=start_steps,
         feature_cache=feature_cache,
-        train_of_seed=lambda seed: ImageSet(learnable.root, spec.dataset, few_shot_subset(spec, learnable, seed)[1], size),
+        train_of_seed=lambda seed: ImageSet(learnable.root, spec.dataset, few_shot_subset(spec, learnable, seed)[1], size, resize_mode=mode),
     )
     cls = REGISTRY[spec.method]
     record["config"] = {**record["config"], "source": cls.source}
@@ -305,7 +306,8 @@ def run_sweep(
                 if test is None or test.dataset != spec.dataset:
                     feature_cache.clear()
                     eval_cache.clear()
-                    test = ImageSet(splits.root, spec.dataset, splits.test, backbone.image_size, evaluation=True)
+                    test = ImageSet(splits.root, spec.dataset, splits.test, backbone.image_size, evaluation=True,
+                                    resize_mode=backbone.preprocess.resize_mode)
                 progress.update(overall, description=f"run {i}/{len(todo)} {spec.label}")
                 inner = None
 

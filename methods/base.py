@@ -61,6 +61,9 @@ class Method:
     # and cross-dataset targets apply; False: a class-specific head or cache, which only ever scores
     # its training classes (a target over other classes is stored as not applicable).
     open_vocabulary: ClassVar[bool] = False
+    # What the method needs from a backbone's towers, beyond encode_image / encode_text (keys of
+    # harness.backbones.CAPABILITIES); a backbone that lacks one refuses the method before any run.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **hparams):
         self.hp = {**self.defaults, **hparams}
@@ -111,6 +114,7 @@ class ImageSet:
     items: list[Item]
     size: int
     evaluation: bool = False
+    resize_mode: str = "shortest"  # the backbone's evaluation resize (harness.backbones.Preprocess)
     _pixels: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -133,7 +137,7 @@ class ImageSet:
 
     def eval_pixels(self) -> torch.Tensor:
         if self._pixels is None:
-            self._pixels = eval_pixels(self.root, self.dataset, self.items, self.size, self.content)
+            self._pixels = eval_pixels(self.root, self.dataset, self.items, self.size, self.content, self.resize_mode)
         return self._pixels
 
     def originals(self, max_short_side: int | None = None) -> list[torch.Tensor]:
@@ -188,6 +192,11 @@ class Task:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> the backbone's normalised input (its own mean and std), on the device."""
+        pre = self.backbone.preprocess
+        return normalize(pixels, self.device, pre.mean, pre.std)
+
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Dynamic loss scaling for fp16 autocast, as the official fp16 recipes (CLIP-LoRA's
         GradScaler); a pass-through for fp32 and bf16. Use: scale(loss).backward(), step(opt), update()."""
@@ -198,7 +207,7 @@ class Task:
         out = []
         for start in range(0, len(pixels), batch_size):
             with self.autocast():
-                out.append(model.encode_image(normalize(pixels[start : start + batch_size], self.device)).float())
+                out.append(model.encode_image(self.normalize(pixels[start : start + batch_size])).float())
         return torch.cat(out) if out else torch.empty(0, self.backbone.embed_dim, device=self.device)
 
     def train_originals(self, max_short_side: int | None = None) -> list[torch.Tensor]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.backbones import encode_text
-from harness.data.images import AUGMENT_DEVIATION, normalize, random_resized_crops
+from harness.data.images import AUGMENT_DEVIATION, random_resized_crops
 from methods.base import FiniteGuard, ImageSet, Method, Task, register
 from methods.hparams import Param
 from methods.lora import adapted_copy, lora_factory, merge_adapters
@@ -78,6 +78,7 @@ class LoRATraining:
 @register
 class CLIPLoRA(Method):
     name = "clip_lora"
+    requires = ("attention_blocks",)
     family = "fine-tuning inside the encoders"
     paper = "Zanella & Ben Ayed, Low-Rank Few-Shot Adaptation of Vision-Language Models, CVPRW 2024 (arXiv 2405.18541)"
     source = "MaxZanella/CLIP-LoRA@358f0d7361f5 (lora.py, loralib/, main.py)"
@@ -200,7 +201,7 @@ class CLIPLoRA(Method):
         with section("data"):
             idx = next(state.batches)
             pixels = random_resized_crops([state.images[i] for i in idx.tolist()], task.backbone.image_size, tuple(hp["crop_scale"]))
-            pixels = normalize(pixels, task.device)
+            pixels = task.normalize(pixels)
         with task.autocast():
             with section("text"):
                 if state.text_frozen is None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from harness.backbones import encode_token_embeddings
 from harness.cards import DatasetCard
-from harness.data.images import AUGMENT_DEVIATION, normalize
+from harness.data.images import AUGMENT_DEVIATION
 from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, register
 from methods.dassl_loop import DASSL_DEFAULTS, DASSL_SCHEMA, coop_lr  # noqa: F401  (coop_lr: CoOp's schedule, re-exported)
@@ -81,6 +81,7 @@ class PromptLearner:
 @register
 class CoOp(Method):
     name = "coop"
+    requires = ("clip_text",)
     family = "prompt learning"
     paper = "Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022"
     source = "KaiyangZhou/CoOp@ff61507c7904 (trainers/coop.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
@@ -128,7 +129,7 @@ class CoOp(Method):
     def image_features(self, task: Task, crops: torch.Tensor) -> torch.Tensor:
         """L2-normalised features of a batch of crops through the frozen image encoder (no autograd)."""
         with task.autocast():
-            feats = task.backbone.model.encode_image(normalize(crops, task.device))
+            feats = task.backbone.model.encode_image(task.normalize(crops))
         return F.normalize(feats.float(), dim=-1)
 
     def logits(self, task: Task, crops: torch.Tensor) -> torch.Tensor:

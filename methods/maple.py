@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.cards import DatasetCard
-from harness.data.images import normalize
+
 from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, count_trainable, register
 from methods.coop import PromptLearner
@@ -76,6 +76,7 @@ class MultiModalPrompts(nn.Module):
 @register
 class MaPLe(Method):
     name = "maple"
+    requires = ("clip_text", "vit_tokens")
     family = "prompt learning"
     paper = "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023"
     source = "muzairkhattak/multimodal-prompt-learning@69bce21ae8ed (trainers/maple.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
@@ -139,7 +140,7 @@ class MaPLe(Method):
     def image_features(self, task: Task, crops: torch.Tensor) -> torch.Tensor:
         first, deep = self.prompts.vision_prompts()
         with task.autocast():
-            feats = vision_tower(task.backbone.model, normalize(crops, task.device), first, deep)[0]
+            feats = vision_tower(task.backbone.model, task.normalize(crops), first, deep)[0]
         return F.normalize(feats.float(), dim=-1)
 
     def forward_backward(self, task: Task):

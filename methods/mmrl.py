@@ -44,7 +44,7 @@ from torch import nn
 
 from harness.backbones import encode_text
 from harness.cards import DatasetCard, get_card
-from harness.data.images import normalize
+
 from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, count_trainable, register
 from methods.dassl_loop import DASSL_DEFAULTS, DASSL_SCHEMA
@@ -121,6 +121,7 @@ def text_features(model, tokens: torch.Tensor, rep_layers: list[int], reps: list
 @register
 class MMRL(Method):
     name = "mmrl"
+    requires = ("clip_text", "vit_tokens")
     family = "multi-modal representation learning"
     paper = "Guo, Gu, MMRL: Multi-Modal Representation Learning for Vision-Language Models, CVPR 2025"
     source = "yunncheng/MMRL@27d8821f6ac1 (trainers/mmrl.py, clip/model_mmrl.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
@@ -194,7 +195,7 @@ class MMRL(Method):
         model = task.backbone.model
 
         def step(crops, labels, scaler):
-            pixels = normalize(crops, task.device)
+            pixels = task.normalize(crops)
             with torch.no_grad(), task.autocast():
                 clip_image = F.normalize(model.encode_image(pixels).float(), dim=-1)
             image, rep = self.image_features(task, pixels)
@@ -214,7 +215,7 @@ class MMRL(Method):
         pixels = images.eval_pixels()
         out = []
         for i in range(0, len(pixels), 256):
-            image, rep = self.image_features(task, normalize(pixels[i : i + 256], task.device))
+            image, rep = self.image_features(task, task.normalize(pixels[i : i + 256]))
             logits = SCALE * image @ text.T
             out.append(self.hp["alpha"] * logits + (1 - self.hp["alpha"]) * SCALE * rep @ text.T if own else logits)
         return torch.cat(out)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.cards import DatasetCard
-from harness.data.images import normalize
+
 from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, register
 from methods.coop import PromptLearner
@@ -95,6 +95,7 @@ def ot_scores(image: torch.Tensor, text: torch.Tensor, eps: float = 0.1) -> torc
 @register
 class PlotPP(Method):
     name = "plot_pp"
+    requires = ("clip_text", "vit_tokens")
     family = "prompt learning"
     paper = "Chen et al., PLOT: Prompt Learning with Optimal Transport for Vision-Language Models, ICLR 2023 (PLOT++)"
     source = "CHENGY12/PLOT@728539feac3f (plot-pp/trainers/plotpp.py)"
@@ -188,7 +189,7 @@ class PlotPP(Method):
     def image_features(self, task: Task, pixels: torch.Tensor) -> torch.Tensor:
         """Unnormalised features [M, B, E]: every image under every vision prompt set."""
         with task.autocast():
-            return vision_tower(task.backbone.model, normalize(pixels, task.device), self.ctx_vision).float()
+            return vision_tower(task.backbone.model, task.normalize(pixels), self.ctx_vision).float()
 
     def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """OT logits (plus the global term in stage 1) for raw image features [M, B, E] and raw prompt

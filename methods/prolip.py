@@ -48,6 +48,7 @@ def prolip_loss(pre_features, labels, projection, initial, text, lam: float) -> 
 @register
 class ProLIP(Method):
     name = "prolip"
+    requires = ("visual_proj",)
     family = "projection tuning on frozen features"
     paper = "Fahes et al., CLIP's Visual Embedding Projector is a Few-shot Cornucopia (ProLIP), WACV 2026 (arXiv 2410.05270)"
     source = "astra-vision/ProLIP@b43e795cbf0b (methods/ProLIP.py, validation-free config lr 1e-5, lambda 1/N)"

@@ -44,7 +44,7 @@ from torch import nn
 
 from harness.backbones import encode_text
 from harness.cards import DatasetCard
-from harness.data.images import normalize
+
 from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, count_trainable, register
 from methods.coop import PromptLearner
@@ -93,6 +93,7 @@ class IndependentPrompts(nn.Module):
 @register
 class PromptSRC(Method):
     name = "promptsrc"
+    requires = ("clip_text", "vit_tokens")
     family = "prompt learning"
     paper = "Khattak et al., Self-regulating Prompts: Foundational Model Adaptation without Forgetting, ICCV 2023"
     source = "muzairkhattak/PromptSRC@bb95c77b634d (trainers/promptsrc.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
@@ -203,7 +204,7 @@ class PromptSRC(Method):
 
     def forward_backward(self, task: Task):
         def step(crops, labels, scaler):
-            pixels = normalize(crops, task.device)
+            pixels = task.normalize(crops)
             text = self.text_features(task, self.tokens)
             image = self.image_features(task, pixels)
             with torch.no_grad():
@@ -221,7 +222,7 @@ class PromptSRC(Method):
         if classnames is not None:
             text = self.text_features(task, PromptLearner(task, self.hp["n_ctx_text"], 0.02, self.hp["ctx_init"], classnames))
         pixels = images.eval_pixels()
-        feats = torch.cat([self.image_features(task, normalize(pixels[i : i + 256], task.device)) for i in range(0, len(pixels), 256)])
+        feats = torch.cat([self.image_features(task, task.normalize(pixels[i : i + 256])) for i in range(0, len(pixels), 256)])
         return self.logit_scale * feats @ text.T
 
     def trainable_parameters(self) -> int:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.backbones import encode_text
-from harness.data.images import AUGMENT_DEVIATION, normalize, random_resized_crops
+from harness.data.images import AUGMENT_DEVIATION, random_resized_crops
 from methods.base import FiniteGuard, ImageSet, Task, register
 from methods.clip_lora import CLIPLoRA, shuffled_batches
 from methods.hparams import Param
@@ -59,6 +59,7 @@ def head_logits(features: torch.Tensor, rows: torch.Tensor, scale: float) -> tor
 @register
 class TwoSFS(CLIPLoRA):
     name = "two_sfs"
+    requires = ("block_layernorms",)
     paper = "Farina, Mancini, Iacca, Ricci, Rethinking Few-Shot Adaptation of Vision-Language Models in Two Stages, CVPR 2025"
     source = "FarinaMatteo/rethinking_fewshot_vlms@64ac143c7d22 (fs/twostage.py, fs/utils/model_utils.py, main.py)"
     deviations = (
@@ -133,7 +134,7 @@ class TwoSFS(CLIPLoRA):
             with torch.no_grad():
                 crops = random_resized_crops([images[i] for i in idx.tolist()], task.backbone.image_size, tuple(hp["crop_scale"]))
                 with task.autocast():
-                    feats = self.model.encode_image(normalize(crops, task.device)).float()
+                    feats = self.model.encode_image(task.normalize(crops)).float()
             loss = F.cross_entropy(head_logits(feats, self.head, float(hp["logit_scale"])), labels[idx.to(labels.device)])
             guard.update(loss, it)
             optimizer.zero_grad(set_to_none=True)

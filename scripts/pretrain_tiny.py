@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from harness.backbones import TINY_WEIGHTS, build_tiny, encode_text
+from harness.backbones import TINY_BUILDERS, TINY_WEIGHTS, build_architecture, demo_weights_path, encode_text, preprocess_of
 from harness.cards import suite_cards
 from harness.data.demo import COLOURS, SHAPES, SIZE, TEXTURES, draw_shape, texture_mask
 from harness.data.images import eval_view, normalize
@@ -226,15 +226,18 @@ def card_templates() -> dict[str, str]:
     return {card.generator: card.template for card in suite_cards("demo")}
 
 
-def pretrain(cfg: Config, log=print, build=build_tiny):
-    """The contrastive pre-training; returns the model in eval mode (fp32)."""
+def pretrain(cfg: Config, log=print, backbone: str = "tiny"):
+    """The contrastive pre-training of a test backbone (tiny, tiny_rn, tiny_siglip: the same pictures,
+    captions and loss); returns the model in eval mode (fp32)."""
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     own = card_templates()
     pixels, attrs = draw_pool(cfg)
     log(f"drew {len(pixels)} pictures ({time.perf_counter() - start:.1f} s)")
-    model = build().train()
-    model.token_embedding.requires_grad_(False)
+    model = build_architecture(backbone).train()
+    pre = preprocess_of(backbone, 32)
+    text_tower = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower apart
+    text_tower.token_embedding.requires_grad_(False)
     if cfg.logit_scale:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.logit_scale))
@@ -250,7 +253,7 @@ def pretrain(cfg: Config, log=print, build=build_tiny):
         idx = torch.randint(0, len(pixels), (cfg.batch_size,), generator=gen).tolist()
         texts, stated = zip(*(caption(attrs[i], crng, cfg, own) for i in idx))
         positives = torch.tensor([[all(attrs[i].get(k) == v for k, v in s.items()) for s in stated] for i in idx])
-        image = model.encode_image(normalize(augment(pixels[idx], gen), "cpu"))
+        image = model.encode_image(normalize(augment(pixels[idx], gen), "cpu", pre.mean, pre.std))
         text = encode_text(model, add_filler(open_clip.tokenize(list(texts)), cfg.p_filler, gen))
         loss = contrastive_loss(image, text, model.logit_scale, positives)
         optimizer.zero_grad(set_to_none=True)
@@ -267,14 +270,16 @@ def pretrain(cfg: Config, log=print, build=build_tiny):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=Config.steps, help=f"optimisation steps (default {Config.steps})")
-    parser.add_argument("--out", type=Path, default=TINY_WEIGHTS, help=f"output file (default {TINY_WEIGHTS})")
+    parser.add_argument("--backbone", choices=sorted(TINY_BUILDERS), default="tiny", help="which test backbone (default tiny)")
+    parser.add_argument("--out", type=Path, default=None, help=f"output file (default {TINY_WEIGHTS} for tiny, <name>_demo.safetensors beside it)")
     args = parser.parse_args()
+    args.out = args.out or demo_weights_path(args.backbone)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    model = pretrain(Config(steps=args.steps))
+    model = pretrain(Config(steps=args.steps), backbone=args.backbone)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(args.out), metadata={"source": f"scripts/pretrain_tiny.py --steps {args.steps}"})
+    save_file(state, str(args.out), metadata={"source": f"scripts/pretrain_tiny.py --backbone {args.backbone} --steps {args.steps}"})
     print(f"saved {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f} s")
 
 

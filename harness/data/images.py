@@ -46,9 +46,12 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return TF.pil_to_tensor(img)  # uint8 CHW
 
 
-def eval_view(img: Image.Image, size: int) -> torch.Tensor:
-    """CLIP's test transform up to normalisation, with torchvision's own ops as open_clip uses them:
-    bicubic resize of the shorter side to `size`, then a centre crop."""
+def eval_view(img: Image.Image, size: int, resize_mode: str = "shortest") -> torch.Tensor:
+    """The test transform up to normalisation, with torchvision's own ops as open_clip uses them:
+    bicubic resize of the shorter side to `size`, then a centre crop (CLIP); or, `squash`, of the
+    whole image to size x size (SigLIP)."""
+    if resize_mode == "squash":
+        return to_tensor(TF.resize(img, [size, size], interpolation=InterpolationMode.BICUBIC))
     img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
     return to_tensor(TF.center_crop(img, [size, size]))
 
@@ -87,23 +90,24 @@ def content_key(root: Path, items: list[Item]) -> str:
     return digest(str(Path(root).resolve()), [fingerprint(it) for it in items])
 
 
-def eval_pixels(root: Path, dataset: str, items: list[Item], size: int, content: str) -> torch.Tensor:
+def eval_pixels(root: Path, dataset: str, items: list[Item], size: int, content: str, resize_mode: str = "shortest") -> torch.Tensor:
     """[N, 3, size, size] uint8 evaluation pixels, decoded once and cached on disk under `content`,
-    the items' `content_key` (computed once by the caller)."""
+    the items' `content_key` (computed once by the caller), per preprocessing (size, resize mode)."""
 
     def decode() -> torch.Tensor:
         if not items:
             return torch.empty(0, 3, size, size, dtype=torch.uint8)
-        return torch.stack(_map(lambda it: eval_view(load_rgb(root / it.path), size), items))
+        return torch.stack(_map(lambda it: eval_view(load_rgb(root / it.path), size, resize_mode), items))
 
-    return cached_tensor("pixels", f"{dataset}/{size}px_{len(items)}_{content}", decode)
+    view = f"{size}px" if resize_mode == "shortest" else f"{size}px-{resize_mode}"
+    return cached_tensor("pixels", f"{dataset}/{view}_{len(items)}_{content}", decode)
 
 
-def normalize(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """uint8 [N,3,H,W] -> float32 CLIP-normalised, on `device`."""
+def normalize(pixels: torch.Tensor, device: torch.device | str, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """uint8 [N,3,H,W] -> float32 normalised by the backbone's mean and std (CLIP's by default), on `device`."""
     x = pixels.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
