@@ -1,4 +1,5 @@
-"""The demo weights the repo pre-trains itself (scripts/pretrain_tiny.py -> harness/assets/tiny_demo.safetensors).
+"""The demo weights the repo pre-trains itself (scripts/pretrain_tiny.py -> harness/assets/tiny_demo.safetensors,
+and for the ResNet and SigLIP-style test backbones tiny_rn_demo / tiny_siglip_demo.safetensors).
 
 Skipped when the file is absent (then `tiny` is the seeded random model and zero-shot sits at chance).
 """
@@ -31,17 +32,18 @@ def test_demo_weights_load_with_their_identity():
     assert TINY_WEIGHTS.stat().st_size < 10 * 2**20
 
 
-def test_demo_zero_shot_clearly_above_chance(tmp_path, demo_root):
+@pytest.mark.parametrize("backbone", ["tiny", "tiny_rn", "tiny_siglip"])
+def test_demo_zero_shot_clearly_above_chance(tmp_path, demo_root, backbone):
     db = tmp_path / "runs.duckdb"
     result = CliRunner().invoke(
         app,
-        ["run", "--suite", "demo", "-m", "zero_shot", "--all-datasets", "--seeds", "1", "--device", "cpu", "--db", str(db)],
+        ["run", "--suite", "demo", "-m", "zero_shot", "--all-datasets", "--seeds", "1", "--device", "cpu", "--db", str(db), "-b", backbone],
     )
     assert result.exit_code == 0, result.output
     runs = runs_frame(db)
     assert set(runs["dataset"]) == {"demo_colours", "demo_shapes", "demo_textures"}
     assert (runs["status"] == "ok").all()
-    assert runs["weights"].str.startswith("tiny-demo:").all()
+    assert runs["weights"].str.startswith(f"{backbone}-demo:").all()
     top1 = dict(zip(runs["dataset"], runs["top1"]))
     # The band the pre-training is designed for (scripts/pretrain_tiny.py): clearly above chance on
     # every dataset, far from perfect (some class names are words the text tower never saw), so

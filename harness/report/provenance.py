@@ -61,5 +61,7 @@ def provenance(runs: pd.DataFrame) -> dict:
         except metadata.PackageNotFoundError:
             versions.append((name, "not installed"))
     versions.append(("python", platform.python_version()))
+    from harness.applicability import FAMILIES, rows
+
     return {"methods": methods, "unregistered": unregistered, "overrides": overrides, "hparams": hparams, "selection": selection,
-            "groups": groups, "versions": versions}
+            "groups": groups, "versions": versions, "families": list(FAMILIES), "applicability": rows()}
