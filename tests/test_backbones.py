@@ -113,3 +113,15 @@ def test_the_readme_applicability_table_is_the_generated_one():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert markdown() in readme, "regenerate it: python -c 'from harness.applicability import markdown; print(markdown())'"
+
+
+def test_rn50_published_rows_load_beside_ours():
+    """Tip-Adapter's released RN50 numbers (exp.log): zero-shot and three methods at 1-16 shots, 11 datasets."""
+    from harness.published import published_frame
+
+    rn50 = published_frame()
+    rn50 = rn50[rn50.backbone == "RN50"]
+    assert sorted(rn50.method.unique()) == ["clip_adapter", "tip_adapter", "tip_adapter_f", "zero_shot"]
+    assert rn50.dataset.nunique() == 11 and len(rn50) == 3 * 5 * 11 + 11
+    cell = rn50.set_index(["method", "dataset", "shots"])["top1"]
+    assert cell[("zero_shot", "imagenet", 0)] == 60.32 and cell[("tip_adapter_f", "imagenet", 16)] == 65.51

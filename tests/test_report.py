@@ -115,7 +115,7 @@ def test_report_writes_nothing_and_published_numbers_come_from_the_csvs(rendered
     shipped = sorted((Path(__file__).parent.parent / "results/published").glob("published_*.csv"))
     assert len(pub) == sum(len(pd.read_csv(f)) for f in shipped)  # every shipped published CSV, read as shipped
     assert pub.source.nunique() == len({src for f in shipped for src in pd.read_csv(f).source})
-    assert sorted(pub.backbone.unique()) == ["ViT-B-16", "ViT-B-32", "ViT-L-14"]
+    assert sorted(pub.backbone.unique()) == ["RN50", "ViT-B-16", "ViT-B-32", "ViT-L-14"]
     assert load_published(db) == load_published(db) == len(pub)  # what `harness run` does: idempotent
 
 
