@@ -43,6 +43,7 @@ TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny_demo.safetensors"
 
 # What a method may need from a backbone's towers (Method.requires), in words for the refusal.
 CAPABILITIES = {
+    "text_tokens": "a text tower that takes token embeddings (open_clip's own, causal or not)",
     "clip_text": "CLIP's own text tower (token embeddings in, causal mask, EOT pooling) to put learned tokens into",
     "vit_tokens": "a ViT image tower whose token sequence can take extra tokens",
     "attention_blocks": "multi-head attention blocks (packed q, k, v) in both towers",
@@ -185,8 +186,12 @@ def capabilities(name: str) -> dict[str, str]:
     timm = bool(vision.get("timm_model_name"))
     missing = {}
     if text.get("hf_model_name"):
-        missing["clip_text"] = f"its text tower is the Hugging Face model {text['hf_model_name']}"
-    elif text.get("no_causal_mask") or text.get("pool_type", "argmax") != "argmax":
+        missing["text_tokens"] = f"its text tower is the Hugging Face model {text['hf_model_name']}"
+    elif text.get("embed_cls") or text.get("use_pad_mask"):
+        missing["text_tokens"] = "its text tower appends a class token or masks padding, which the prompt code does not reproduce"
+    if "text_tokens" in missing:
+        missing["clip_text"] = missing["text_tokens"]
+    elif text.get("no_causal_mask") or text.get("pool_type", "argmax") != "argmax":  # text_tokens: yes
         missing["clip_text"] = "its text tower is not causal and EOT-pooled (SigLIP-style)"
     elif cfg.get("custom_text"):
         missing["clip_text"] = "its text tower is open_clip's separate TextTransformer (CustomTextCLIP), which the prompt code does not reach yet"
@@ -368,17 +373,34 @@ def without_visual_projection(model: CLIP):
         model.visual.proj = proj
 
 
+def text_tower(model):
+    """The module that holds the text transformer's parts: a CLIP itself, or a CustomTextCLIP's
+    `text` (EVA-02's, SigLIP's)."""
+    return model if isinstance(model, CLIP) else model.text
+
+
+def text_is_causal(model) -> bool:
+    """Causal text towers (CLIP's) let prompts stop at their EOT token; the others see every position."""
+    return text_tower(model).attn_mask is not None
+
+
 def encode_token_embeddings(model: CLIP, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
-    """CLIP's text tower from token embeddings [B, L, W] on: positions, causal transformer, ln_final,
-    projection of the EOT token. L may be shorter than the 77-token context: with the causal mask the
-    tokens up to EOT never see what follows them, so truncation leaves the features unchanged.
+    """The text tower from token embeddings [B, L, W] on: positions, transformer (causal or not),
+    ln_final, pooling (EOT token, or the last / first position), projection. With a causal mask L may
+    stop at the longest EOT: the tokens up to EOT never see what follows them, so truncation leaves
+    the features unchanged; a non-causal tower is given the whole context.
     """
+    tower = text_tower(model)
     length = x.shape[1]
-    x = x + model.positional_embedding[:length].to(x.dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot_index]
-    return x @ model.text_projection
+    x = x + tower.positional_embedding[:length].to(x.dtype)
+    mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
+    x = tower.ln_final(tower.transformer(x, attn_mask=mask))
+    pool = getattr(tower, "text_pool_type", None) or getattr(tower, "pool_type", "argmax")
+    x = x[torch.arange(x.shape[0], device=x.device), eot_index] if pool == "argmax" else x[:, -1] if pool == "last" else x[:, 0]
+    projection = tower.text_projection
+    if isinstance(projection, torch.nn.Module):
+        return projection(x)
+    return x if projection is None else x @ projection
 
 
 def encode_text(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import encode_token_embeddings
+from harness.backbones import encode_token_embeddings, text_is_causal, text_tower
 from harness.cards import DatasetCard
 from harness.data.images import AUGMENT_DEVIATION
 from methods import dassl_loop
@@ -55,9 +55,10 @@ class PromptLearner:
         placeholder = ctx_init or " ".join(["X"] * n_ctx)
         tokens = task.backbone.tokenize([f"{placeholder} {name}." for name in (classnames or task.classnames)])
         self.eot_index = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
-        tokens = tokens[:, : int(self.eot_index.max()) + 1]  # causal mask: later tokens never matter
+        if text_is_causal(model):
+            tokens = tokens[:, : int(self.eot_index.max()) + 1]  # causal mask: later tokens never matter
         with torch.no_grad():
-            embedding = model.token_embedding(tokens).float()
+            embedding = text_tower(model).token_embedding(tokens).float()
         self.tokens = tokens
         self.prefix = embedding[:, :1]  # SOS
         self.suffix = embedding[:, 1 + n_ctx :]  # class name, '.', EOS (and padding up to the longest)
@@ -81,7 +82,7 @@ class PromptLearner:
 @register
 class CoOp(Method):
     name = "coop"
-    requires = ("clip_text",)
+    requires = ("text_tokens",)  # learned context in any open_clip text tower (CLIP's, EVA-02's, SigLIP's)
     family = "prompt learning"
     paper = "Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022"
     source = "KaiyangZhou/CoOp@ff61507c7904 (trainers/coop.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"

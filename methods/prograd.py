@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from harness.backbones import text_tower
 from harness.cards import DatasetCard
 from methods import dassl_loop
 from methods.base import Task, register
@@ -87,7 +88,7 @@ class ProGradPrompt(PromptLearner):
         placeholder = " ".join(["X"] * (n_ctx - p) + [init_words]).strip()
         super().__init__(task, n_ctx, 0.02, placeholder, classnames)  # fixed parts of "X..X {words} {class}."
         with torch.no_grad():
-            words = task.backbone.model.token_embedding(task.backbone.tokenize([init_words]))[0].float()
+            words = text_tower(task.backbone.model).token_embedding(task.backbone.tokenize([init_words]))[0].float()
         ctx = torch.zeros(n_ctx, words.shape[-1], device=task.device)
         ctx[n_ctx - p :] = words[1 : 1 + p]
         self.ctx = ctx.requires_grad_(True)

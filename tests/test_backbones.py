@@ -26,7 +26,7 @@ FROZEN_FEATURE = {"zero_shot", "tip_adapter", "tip_adapter_f", "taskres", "clip_
 TEXT_PROMPTS = {"coop", "cocoop", "kgcoop", "prograd"}
 
 
-@pytest.mark.parametrize("backbone,expected", [("tiny_rn", FROZEN_FEATURE | TEXT_PROMPTS), ("tiny_siglip", FROZEN_FEATURE)])
+@pytest.mark.parametrize("backbone,expected", [("tiny_rn", FROZEN_FEATURE | TEXT_PROMPTS), ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS)])
 def test_each_family_runs_exactly_what_it_declares(tmp_path, capsys, demo_root, backbone, expected):
     db = tmp_path / f"{backbone}.duckdb"
     assert run_cli(["run", "--suite", "demo", "-b", backbone, "--all-methods", "-d", "demo_colours", "--shots", "2", "--seeds", "1",
@@ -47,6 +47,24 @@ def test_a_method_named_for_a_backbone_that_cannot_run_it_is_refused_before_any_
     assert "coop" not in err.split("maple")[0] and not db.exists()
     assert run_cli(["run", "--suite", "demo", "-b", "tiny_siglip", "-m", "clip_lora", "-d", "demo_colours", "--db", str(db)]) == 2
     assert "clip_lora cannot run on tiny_siglip" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_rn", "tiny_siglip"])
+def test_prompts_enter_every_text_tower_exactly(name):
+    """The prompt learners' path (token embeddings in, the tower's own mask, pooling and projection)
+    equals open_clip's encode_text on CLIP's causal tower (truncated at EOT) and on a non-causal,
+    last-token-pooled one with a biased projection (given the whole context)."""
+    from harness.backbones import encode_token_embeddings, text_is_causal, text_tower
+
+    backbone = load_backbone(name)
+    model = backbone.model
+    tokens = backbone.tokenize(["a photo of a red star.", "blue", "a long caption " * 5])
+    eot = tokens.argmax(-1)
+    assert text_is_causal(model) == (name != "tiny_siglip")
+    given = tokens[:, : int(eot.max()) + 1] if text_is_causal(model) else tokens
+    with torch.no_grad():
+        ours = encode_token_embeddings(model, text_tower(model).token_embedding(given), eot)
+        torch.testing.assert_close(ours, model.encode_text(tokens), rtol=0, atol=1e-5)
 
 
 def test_open_clip_names_resolve_from_local_caches_only(tmp_path, capsys, monkeypatch, demo_root):
@@ -91,7 +109,8 @@ def test_rn50_is_openais_architecture():
 
 
 def test_real_size_trainable_counts_and_refusals(demo_root):
-    """CoOp on RN50 learns 16 x 512 = 8,192; CLIP-LoRA and MaPLe need what RN50, SigLIP 2 and EVA-02 lack."""
+    """CoOp learns 16 x 512 = 8,192 on RN50 and on EVA-02 B/16 (its text tower in model.text); CLIP-LoRA and
+    MaPLe need what RN50, SigLIP 2 and EVA-02 lack."""
     from test_coop import make_task
 
     from harness.backbones import Backbone
@@ -104,8 +123,20 @@ def test_real_size_trainable_counts_and_refusals(demo_root):
         assert refusal(REGISTRY["clip_lora"], name) and refusal(REGISTRY["maple"], name)
     assert "attention only in the final pooling" in refusal(REGISTRY["clip_lora"], "RN50")
     assert "fused qkv" in refusal(REGISTRY["clip_lora"], "EVA02-B-16:merged2b_s8b_b131k")
-    assert "SigLIP-style" in refusal(REGISTRY["coop"], "ViT-B-16-SigLIP2:webli")
+    assert refusal(REGISTRY["coop"], "ViT-B-16-SigLIP2:webli") is None  # any open_clip text tower takes CoOp's context
+    assert "SigLIP-style" in refusal(REGISTRY["maple"], "ViT-B-16-SigLIP2:webli")
+    eva = load_backbone_random("EVA02-B-16:merged2b_s8b_b131k")  # timm image tower, CLIP-like text tower in model.text
+    coop = REGISTRY["coop"]()
+    coop.build(make_task(eva, "demo_shapes", 1))
+    assert coop.trainable_parameters() == 8_192
     assert capabilities("ViT-B-16") == {} and capabilities("ViT-B-16:dfn2b") == {}
+
+
+def load_backbone_random(name):
+    from harness.backbones import Backbone, preprocess_of, tokenizer_of
+
+    model = build_architecture(name).eval().requires_grad_(False)
+    return Backbone(name, model, 224, "random", torch.device("cpu"), preprocess_of(name, 224), tokenizer_of(name))
 
 
 def test_the_readme_applicability_table_is_the_generated_one():
