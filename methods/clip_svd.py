@@ -72,6 +72,7 @@ def decomposed_maps(model: nn.Module, encoders: tuple[str, ...]):
 @register
 class CLIPSVD(CLIPLoRA):
     name = "clip_svd"
+    requires = ("open_clip_blocks",)  # its decomposition walks open_clip's packed in_proj, c_fc and c_proj
     paper = "Koleilat, Rivaz, Xiao, Singular Value Few-shot Adaptation of Vision-Language Models, 2025 (arXiv 2509.03740)"
     source = "HealthX-Lab/CLIP-SVD@022b1eda02df (train.py, svf_torch.py, svf_utils/utils.py)"
     deviations = (

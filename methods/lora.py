@@ -1,4 +1,5 @@
-"""LoRA and Block-LoRA adapters on the q/k/v projections of open_clip's attention blocks.
+"""LoRA and Block-LoRA adapters on the q/k/v projections of open_clip's attention blocks (and of
+timm's, in timm image towers: `AdaptedLinear` on the fused qkv or the separate q/k/v projections).
 
 `AdaptedAttention` replaces an `nn.MultiheadAttention` (same call, batch_first) with one that keeps
 the packed frozen `in_proj` (one fused matmul for q, k, v), adds a low-rank branch to the chosen
@@ -212,14 +213,79 @@ class AdaptedAttention(nn.Module):
             self.out_proj.weight.add_(self.adapters["o"].delta_weight().to(self.out_proj.weight.dtype), alpha=sign)
 
 
-def _resblocks(model, encoders: Iterable[str]):
+class AdaptedLinear(nn.Module):
+    """A frozen nn.Linear whose output stacks k projections (timm's fused qkv: k = 3; EVA's separate
+    q_proj: k = 1) with a low-rank branch on the chosen ones: the same adapter as on open_clip's
+    packed in_proj, for timm's attention, which calls its projections as modules."""
+
+    def __init__(self, linear: nn.Linear, make_adapter: AdapterFactory, slots: dict[str, int], k: int):
+        super().__init__()
+        self.linear, self.slots, self.k = linear, dict(slots), k
+        self.width = linear.out_features // k
+        self.adapters = nn.ModuleDict({t: make_adapter(linear.in_features, self.width, linear.weight) for t in slots})
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        if self.merged:
+            return out
+        parts = [torch.zeros_like(out[..., : self.width])] * self.k
+        for t, i in self.slots.items():
+            parts[i] = self.adapters[t](x).to(out.dtype)
+        return out + torch.cat(parts, dim=-1)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._fold(1)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._fold(-1)
+            self.merged = False
+
+    def _fold(self, sign: int) -> None:
+        for t, i in self.slots.items():
+            rows = self.linear.weight[i * self.width : (i + 1) * self.width]
+            rows.add_(self.adapters[t].delta_weight().to(rows.dtype), alpha=sign)
+
+
+def _attention_sites(model, encoders: Iterable[str]):
+    """(holder, kind) per attention block of the chosen towers: an open_clip block (its `attn` is an
+    nn.MultiheadAttention) or a timm attention module (fused `qkv`, or `q_proj` / `k_proj` / `v_proj`)."""
+    from harness.backbones import text_tower
+
     encoders = tuple(encoders)
     unknown = set(encoders) - {"vision", "text"}
     if unknown:
         raise ValueError(f"Unknown encoder(s) {sorted(unknown)}; choose vision and/or text.")
     for enc in encoders:
-        tower = model.visual.transformer if enc == "vision" else model.transformer
-        yield from tower.resblocks
+        if enc == "text":
+            yield from ((block, "open_clip") for block in text_tower(model).transformer.resblocks)
+        elif hasattr(model.visual, "transformer"):
+            yield from ((block, "open_clip") for block in model.visual.transformer.resblocks)
+        elif hasattr(getattr(model.visual, "trunk", None), "blocks"):
+            yield from ((block.attn, "timm") for block in model.visual.trunk.blocks)
+
+
+def _adapt_timm(attn: nn.Module, make_adapter: AdapterFactory, targets: tuple[str, ...]) -> list[nn.Parameter]:
+    if getattr(attn, "qkv", None) is not None:
+        if getattr(attn, "q_bias", None) is not None:  # EVA's fused path applies the weight itself: an adapter would be skipped
+            raise ValueError(f"{type(attn).__name__} applies its fused qkv weight directly; LoRA cannot be added as a module there.")
+        attn.qkv = AdaptedLinear(attn.qkv, make_adapter, {t: i for i, t in enumerate("qkv") if t in targets}, 3)
+        wrapped = [attn.qkv]
+    else:
+        wrapped = []
+        for t in "qkv":
+            if t in targets:
+                setattr(attn, f"{t}_proj", AdaptedLinear(getattr(attn, f"{t}_proj"), make_adapter, {t: 0}, 1))
+                wrapped.append(getattr(attn, f"{t}_proj"))
+    if "o" in targets:
+        attn.proj = AdaptedLinear(attn.proj, make_adapter, {"o": 0}, 1)
+        wrapped.append(attn.proj)
+    return [p for w in wrapped for p in w.adapters.parameters()]
 
 
 def add_adapters(
@@ -229,15 +295,19 @@ def add_adapters(
     targets: Iterable[str] = ("q", "k", "v"),
 ) -> list[nn.Parameter]:
     """IN PLACE: freeze `model`, put adapters in every attention block of the chosen encoders of an
-    open_clip CLIP, return the adapter parameters (the only trainable ones)."""
+    open_clip CLIP (or its timm image tower), return the adapter parameters (the only trainable ones)."""
     model.requires_grad_(False)
+    targets = tuple(targets)
     params: list[nn.Parameter] = []
     n_blocks = 0
-    for block in _resblocks(model, encoders):
-        if not isinstance(block.attn, nn.MultiheadAttention):
-            raise TypeError(f"Expected nn.MultiheadAttention in {type(block).__name__}.attn, found {type(block.attn).__name__}.")
-        block.attn = AdaptedAttention(block.attn, make_adapter, targets)
-        params.extend(block.attn.adapters.parameters())
+    for holder, kind in _attention_sites(model, encoders):
+        if kind == "timm":
+            params.extend(_adapt_timm(holder, make_adapter, targets))
+        else:
+            if not isinstance(holder.attn, nn.MultiheadAttention):
+                raise TypeError(f"Expected nn.MultiheadAttention in {type(holder).__name__}.attn, found {type(holder.attn).__name__}.")
+            holder.attn = AdaptedAttention(holder.attn, make_adapter, targets)
+            params.extend(holder.attn.adapters.parameters())
         n_blocks += 1
     if n_blocks == 0:
         raise ValueError("No attention blocks found to adapt.")
@@ -250,8 +320,8 @@ def adapted_copy(model: nn.Module, make_adapter: AdapterFactory, encoders=("visi
     return model, add_adapters(model, make_adapter, encoders, targets)
 
 
-def adapted_modules(model: nn.Module) -> list[AdaptedAttention]:
-    return [m for m in model.modules() if isinstance(m, AdaptedAttention)]
+def adapted_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (AdaptedAttention, AdaptedLinear))]
 
 
 def merge_adapters(model: nn.Module) -> None:

@@ -26,7 +26,8 @@ FROZEN_FEATURE = {"zero_shot", "tip_adapter", "tip_adapter_f", "taskres", "clip_
 TEXT_PROMPTS = {"coop", "cocoop", "kgcoop", "prograd"}
 
 
-@pytest.mark.parametrize("backbone,expected", [("tiny_rn", FROZEN_FEATURE | TEXT_PROMPTS), ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS)])
+@pytest.mark.parametrize("backbone,expected", [("tiny_rn", FROZEN_FEATURE | TEXT_PROMPTS),
+                                              ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS | {"clip_lora", "block_lora"})])
 def test_each_family_runs_exactly_what_it_declares(tmp_path, capsys, demo_root, backbone, expected):
     db = tmp_path / f"{backbone}.duckdb"
     assert run_cli(["run", "--suite", "demo", "-b", backbone, "--all-methods", "-d", "demo_colours", "--shots", "2", "--seeds", "1",
@@ -45,8 +46,30 @@ def test_a_method_named_for_a_backbone_that_cannot_run_it_is_refused_before_any_
     err = " ".join(capsys.readouterr().err.split())
     assert "maple cannot run on tiny_rn: it needs a ViT image tower" in err and "ResNet with attention pooling" in err
     assert "coop" not in err.split("maple")[0] and not db.exists()
-    assert run_cli(["run", "--suite", "demo", "-b", "tiny_siglip", "-m", "clip_lora", "-d", "demo_colours", "--db", str(db)]) == 2
-    assert "clip_lora cannot run on tiny_siglip" in " ".join(capsys.readouterr().err.split())
+    assert run_cli(["run", "--suite", "demo", "-b", "tiny_siglip", "-m", "clip_svd", "-d", "demo_colours", "--db", str(db)]) == 2
+    assert "clip_svd cannot run on tiny_siglip" in " ".join(capsys.readouterr().err.split())
+
+
+def test_lora_in_a_timm_image_tower_starts_at_clip_and_merges_exactly():
+    """CLIP-LoRA's adapters on timm's fused qkv (tiny_siglip): the model is unchanged at start (B = 0);
+    with trained-looking B the merged weights give the unmerged model's outputs."""
+    from methods.lora import AdaptedLinear, adapted_copy, lora_factory, merge_adapters
+
+    backbone = load_backbone("tiny_siglip")
+    pixels, tokens = torch.rand(3, 3, 32, 32), backbone.tokenize(["a red star.", "blue"])
+    model, params = adapted_copy(backbone.model, lora_factory(2, 1.0, 0.25))
+    assert sum(p.numel() for p in params) == 3_072 and any(isinstance(m, AdaptedLinear) for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(pixels), backbone.model.encode_image(pixels), rtol=0, atol=1e-6)
+        for p in params:
+            if p.shape[1] == 2:  # B [d_out, r]
+                p.normal_(std=0.05)
+        unmerged_image, unmerged_text = model.encode_image(pixels), model.encode_text(tokens)
+        assert (unmerged_image - backbone.model.encode_image(pixels)).abs().max() > 1e-4  # the adapters act
+        merge_adapters(model)
+        torch.testing.assert_close(model.encode_image(pixels), unmerged_image, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(tokens), unmerged_text, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_rn", "tiny_siglip"])
@@ -109,8 +132,8 @@ def test_rn50_is_openais_architecture():
 
 
 def test_real_size_trainable_counts_and_refusals(demo_root):
-    """CoOp learns 16 x 512 = 8,192 on RN50 and on EVA-02 B/16 (its text tower in model.text); CLIP-LoRA and
-    MaPLe need what RN50, SigLIP 2 and EVA-02 lack."""
+    """CoOp learns 16 x 512 = 8,192 on RN50 and on EVA-02 B/16 (its text tower in model.text); CLIP-LoRA
+    184,320 on EVA-02 B/16 and 221,184 on SigLIP 2 B/16; RN50 refuses CLIP-LoRA, and all three MaPLe."""
     from test_coop import make_task
 
     from harness.backbones import Backbone
@@ -120,15 +143,22 @@ def test_real_size_trainable_counts_and_refusals(demo_root):
     coop.build(make_task(rn50, "demo_shapes", 1))
     assert coop.trainable_parameters() == 8_192
     for name in ("RN50", "ViT-B-16-SigLIP2:webli", "EVA02-B-16:merged2b_s8b_b131k"):
-        assert refusal(REGISTRY["clip_lora"], name) and refusal(REGISTRY["maple"], name)
+        assert refusal(REGISTRY["maple"], name)
     assert "attention only in the final pooling" in refusal(REGISTRY["clip_lora"], "RN50")
-    assert "fused qkv" in refusal(REGISTRY["clip_lora"], "EVA02-B-16:merged2b_s8b_b131k")
+    assert refusal(REGISTRY["clip_lora"], "EVA02-B-16:merged2b_s8b_b131k") is None
     assert refusal(REGISTRY["coop"], "ViT-B-16-SigLIP2:webli") is None  # any open_clip text tower takes CoOp's context
     assert "SigLIP-style" in refusal(REGISTRY["maple"], "ViT-B-16-SigLIP2:webli")
     eva = load_backbone_random("EVA02-B-16:merged2b_s8b_b131k")  # timm image tower, CLIP-like text tower in model.text
     coop = REGISTRY["coop"]()
     coop.build(make_task(eva, "demo_shapes", 1))
     assert coop.trainable_parameters() == 8_192
+    from methods.lora import add_adapters, lora_factory
+
+    # CLIP-LoRA (rank 2 on q, k, v of every block): EVA-02's separate q/k/v projections, 12 x 3 x 2 (768 + 768)
+    # in the image tower and 12 x 3 x 2 (512 + 512) in the text tower, as on OpenAI's ViT-B/16
+    assert sum(p.numel() for p in add_adapters(eva.model, lora_factory())) == 184_320
+    siglip = build_architecture("ViT-B-16-SigLIP2:webli")  # fused qkv, text width 768
+    assert sum(p.numel() for p in add_adapters(siglip, lora_factory())) == 221_184
     assert capabilities("ViT-B-16") == {} and capabilities("ViT-B-16:dfn2b") == {}
 
 
