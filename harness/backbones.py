@@ -49,7 +49,7 @@ CAPABILITIES = {
     "attention_blocks": "attention blocks with q, k, v projections in both towers (open_clip's or timm's)",
     "open_clip_blocks": "open_clip's own transformer blocks in both towers (packed in_proj, c_fc, c_proj)",
     "visual_proj": "a visual projection matrix after the image tower's pooled token",
-    "block_layernorms": "LayerNorms in every block of both towers",
+    "block_layernorms": "LayerNorms in every block of both towers (open_clip's or timm's)",
 }
 
 
@@ -199,14 +199,15 @@ def capabilities(name: str) -> dict[str, str]:
     custom_text = "clip_text" in missing
     if resnet or timm:
         why = "its image tower is a ResNet with attention pooling" if resnet else f"its image tower is timm's {vision['timm_model_name']}"
-        missing.update({"vit_tokens": why, "visual_proj": why, "block_layernorms": why, "open_clip_blocks": why})
+        missing.update({"vit_tokens": why, "visual_proj": why, "open_clip_blocks": why})
         if resnet:
             missing["attention_blocks"] = why + " (attention only in the final pooling, whose weights it applies itself)"
+            missing["block_layernorms"] = why + " (batch norms)"
     if custom_text:
-        missing.setdefault("block_layernorms", missing["clip_text"])
         missing.setdefault("open_clip_blocks", missing["clip_text"])
     if "text_tokens" in missing:
         missing.setdefault("attention_blocks", missing["text_tokens"])
+        missing.setdefault("block_layernorms", missing["text_tokens"])
     return missing
 
 

@@ -27,7 +27,7 @@ TEXT_PROMPTS = {"coop", "cocoop", "kgcoop", "prograd"}
 
 
 @pytest.mark.parametrize("backbone,expected", [("tiny_rn", FROZEN_FEATURE | TEXT_PROMPTS),
-                                              ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS | {"clip_lora", "block_lora"})])
+                                              ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS | {"clip_lora", "block_lora", "two_sfs"})])
 def test_each_family_runs_exactly_what_it_declares(tmp_path, capsys, demo_root, backbone, expected):
     db = tmp_path / f"{backbone}.duckdb"
     assert run_cli(["run", "--suite", "demo", "-b", backbone, "--all-methods", "-d", "demo_colours", "--shots", "2", "--seeds", "1",
@@ -133,7 +133,7 @@ def test_rn50_is_openais_architecture():
 
 def test_real_size_trainable_counts_and_refusals(demo_root):
     """CoOp learns 16 x 512 = 8,192 on RN50 and on EVA-02 B/16 (its text tower in model.text); CLIP-LoRA
-    184,320 on EVA-02 B/16 and 221,184 on SigLIP 2 B/16; RN50 refuses CLIP-LoRA, and all three MaPLe."""
+    184,320 on EVA-02 B/16 and 221,184 on SigLIP 2 B/16; 2SFS's LayerNorms 61,440 on EVA-02 B/16; RN50 refuses CLIP-LoRA, and all three MaPLe."""
     from test_coop import make_task
 
     from harness.backbones import Backbone
@@ -156,6 +156,10 @@ def test_real_size_trainable_counts_and_refusals(demo_root):
 
     # CLIP-LoRA (rank 2 on q, k, v of every block): EVA-02's separate q/k/v projections, 12 x 3 x 2 (768 + 768)
     # in the image tower and 12 x 3 x 2 (512 + 512) in the text tower, as on OpenAI's ViT-B/16
+    from methods.two_sfs import layernorms
+
+    # 2SFS's stage 1: norm1 / norm2 of every timm block and ln_1 / ln_2 of every text block, as on ViT-B/16
+    assert sum(p.numel() for m in layernorms(eva.model) for p in m.parameters()) == 61_440
     assert sum(p.numel() for p in add_adapters(eva.model, lora_factory())) == 184_320
     siglip = build_architecture("ViT-B-16-SigLIP2:webli")  # fused qkv, text width 768
     assert sum(p.numel() for p in add_adapters(siglip, lora_factory())) == 221_184
