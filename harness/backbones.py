@@ -47,7 +47,6 @@ CAPABILITIES = {
     "clip_text": "CLIP's own text tower (token embeddings in, causal mask, EOT pooling) to put learned tokens into",
     "vit_tokens": "a ViT image tower whose token sequence can take extra tokens",
     "attention_blocks": "attention blocks with q, k, v projections in both towers (open_clip's or timm's)",
-    "open_clip_blocks": "open_clip's own transformer blocks in both towers (packed in_proj, c_fc, c_proj)",
     "visual_proj": "a visual projection matrix after the image tower's pooled token",
     "block_layernorms": "LayerNorms in every block of both towers (open_clip's or timm's)",
 }
@@ -195,16 +194,13 @@ def capabilities(name: str) -> dict[str, str]:
     elif text.get("no_causal_mask") or text.get("pool_type", "argmax") != "argmax":  # text_tokens: yes
         missing["clip_text"] = "its text tower is not causal and EOT-pooled (SigLIP-style)"
     elif cfg.get("custom_text"):
-        missing["clip_text"] = "its text tower is open_clip's separate TextTransformer (CustomTextCLIP), which the prompt code does not reach yet"
-    custom_text = "clip_text" in missing
+        missing["clip_text"] = "its text tower is open_clip's separate TextTransformer (CustomTextCLIP), which the deep-prompt code does not reach yet"
     if resnet or timm:
         why = "its image tower is a ResNet with attention pooling" if resnet else f"its image tower is timm's {vision['timm_model_name']}"
-        missing.update({"vit_tokens": why, "visual_proj": why, "open_clip_blocks": why})
+        missing.update({"vit_tokens": why, "visual_proj": why})
         if resnet:
             missing["attention_blocks"] = why + " (attention only in the final pooling, whose weights it applies itself)"
             missing["block_layernorms"] = why + " (batch norms)"
-    if custom_text:
-        missing.setdefault("open_clip_blocks", missing["clip_text"])
     if "text_tokens" in missing:
         missing.setdefault("attention_blocks", missing["text_tokens"])
         missing.setdefault("block_layernorms", missing["text_tokens"])

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from harness.backbones import text_tower
 from harness.data.images import AUGMENT_DEVIATION
 from methods.base import Task, register
 from methods.clip_lora import CLIPLoRA
@@ -59,10 +60,19 @@ class SingularValues(nn.Module):
 
 
 def decomposed_maps(model: nn.Module, encoders: tuple[str, ...]):
-    """(module, weight name, row blocks) of every linear map CLIP-SVD decomposes in these encoders."""
-    towers = {"vision": model.visual.transformer, "text": model.transformer}
+    """(module, weight name, row blocks) of every linear map CLIP-SVD decomposes in these encoders:
+    open_clip's blocks as the official code (q, k, v of the packed in_proj, out_proj, c_fc, c_proj),
+    and in a timm image tower every Linear of each block's attention and MLP (a fused qkv as three)."""
     for encoder in encoders:
-        for block in towers[encoder].resblocks:
+        if encoder == "vision" and not hasattr(model.visual, "transformer"):  # timm (the official code has no such case)
+            for block in model.visual.trunk.blocks:
+                for part in (block.attn, block.mlp):
+                    for name, module in part.named_modules():
+                        if isinstance(module, nn.Linear):
+                            yield module, "weight", 3 if name == "qkv" else 1
+            continue
+        tower = model.visual.transformer if encoder == "vision" else text_tower(model).transformer
+        for block in tower.resblocks:
             yield block.attn, "in_proj_weight", 3
             yield block.attn.out_proj, "weight", 1
             yield block.mlp.c_fc, "weight", 1
@@ -72,13 +82,14 @@ def decomposed_maps(model: nn.Module, encoders: tuple[str, ...]):
 @register
 class CLIPSVD(CLIPLoRA):
     name = "clip_svd"
-    requires = ("open_clip_blocks",)  # its decomposition walks open_clip's packed in_proj, c_fc and c_proj
+    requires = ("attention_blocks",)  # linear maps in every block of both towers (open_clip's or timm's)
     paper = "Koleilat, Rivaz, Xiao, Singular Value Few-shot Adaptation of Vision-Language Models, 2025 (arXiv 2509.03740)"
     source = "HealthX-Lab/CLIP-SVD@022b1eda02df (train.py, svf_torch.py, svf_utils/utils.py)"
     deviations = (
         "bf16 autocast on CUDA / fp32 on CPU (official: fp16 autocast without loss scaling); W = U diag(s) V^T rebuilt "
         f"once per forward (official: x V then U per token; same function); {AUGMENT_DEVIATION}; base-to-new runs the "
-        "few-shot recipe (official: lr 4e-4, 10/20 epochs by dataset with a cycling cosine)"
+        "few-shot recipe (official: lr 4e-4, 10/20 epochs by dataset with a cycling cosine); in a timm image tower (no "
+        "official counterpart) every Linear of each block's attention and MLP is decomposed"
     )
     defaults = {
         "encoders": "both",

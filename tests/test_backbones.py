@@ -27,7 +27,7 @@ TEXT_PROMPTS = {"coop", "cocoop", "kgcoop", "prograd"}
 
 
 @pytest.mark.parametrize("backbone,expected", [("tiny_rn", FROZEN_FEATURE | TEXT_PROMPTS),
-                                              ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS | {"clip_lora", "block_lora", "two_sfs"})])
+                                              ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS | {"clip_lora", "block_lora", "two_sfs", "clip_svd"})])
 def test_each_family_runs_exactly_what_it_declares(tmp_path, capsys, demo_root, backbone, expected):
     db = tmp_path / f"{backbone}.duckdb"
     assert run_cli(["run", "--suite", "demo", "-b", backbone, "--all-methods", "-d", "demo_colours", "--shots", "2", "--seeds", "1",
@@ -46,8 +46,8 @@ def test_a_method_named_for_a_backbone_that_cannot_run_it_is_refused_before_any_
     err = " ".join(capsys.readouterr().err.split())
     assert "maple cannot run on tiny_rn: it needs a ViT image tower" in err and "ResNet with attention pooling" in err
     assert "coop" not in err.split("maple")[0] and not db.exists()
-    assert run_cli(["run", "--suite", "demo", "-b", "tiny_siglip", "-m", "clip_svd", "-d", "demo_colours", "--db", str(db)]) == 2
-    assert "clip_svd cannot run on tiny_siglip" in " ".join(capsys.readouterr().err.split())
+    assert run_cli(["run", "--suite", "demo", "-b", "tiny_siglip", "-m", "prolip", "-d", "demo_colours", "--db", str(db)]) == 2
+    assert "prolip cannot run on tiny_siglip" in " ".join(capsys.readouterr().err.split())
 
 
 def test_lora_in_a_timm_image_tower_starts_at_clip_and_merges_exactly():
@@ -133,7 +133,7 @@ def test_rn50_is_openais_architecture():
 
 def test_real_size_trainable_counts_and_refusals(demo_root):
     """CoOp learns 16 x 512 = 8,192 on RN50 and on EVA-02 B/16 (its text tower in model.text); CLIP-LoRA
-    184,320 on EVA-02 B/16 and 221,184 on SigLIP 2 B/16; 2SFS's LayerNorms 61,440 on EVA-02 B/16; RN50 refuses CLIP-LoRA, and all three MaPLe."""
+    184,320 on EVA-02 B/16 and 221,184 on SigLIP 2 B/16; 2SFS's LayerNorms 61,440 and CLIP-SVD's 101,376 singular values on EVA-02 B/16; RN50 refuses CLIP-LoRA, and all three MaPLe."""
     from test_coop import make_task
 
     from harness.backbones import Backbone
@@ -160,6 +160,10 @@ def test_real_size_trainable_counts_and_refusals(demo_root):
 
     # 2SFS's stage 1: norm1 / norm2 of every timm block and ln_1 / ln_2 of every text block, as on ViT-B/16
     assert sum(p.numel() for m in layernorms(eva.model) for p in m.parameters()) == 61_440
+    from methods.clip_svd import singular_value_count
+
+    # CLIP-SVD: every Linear of each timm block (q, k, v, proj, EVA's SwiGLU fc1_g, fc1_x, fc2: 7 x 768) and the text tower's 6 x 512
+    assert singular_value_count(eva.model) == 12 * 7 * 768 + 12 * 6 * 512 == 101_376
     assert sum(p.numel() for p in add_adapters(eva.model, lora_factory())) == 184_320
     siglip = build_architecture("ViT-B-16-SigLIP2:webli")  # fused qkv, text width 768
     assert sum(p.numel() for p in add_adapters(siglip, lora_factory())) == 221_184
