@@ -380,6 +380,20 @@ def text_tower(model):
     return model if isinstance(model, CLIP) else model.text
 
 
+def tower_blocks(model, encoder: str) -> tuple[list, str]:
+    """A tower's transformer blocks and whose they are: "open_clip" (ln_1, attn as nn.MultiheadAttention,
+    ln_2, mlp.c_fc / c_proj: CLIP's towers and every open_clip text tower) or "timm" (norm1, attn with
+    qkv or q/k/v projections, norm2, mlp: a timm image tower); none for a ResNet image tower."""
+    if encoder not in ("vision", "text"):
+        raise ValueError(f"Unknown encoder '{encoder}'; choose vision and/or text.")
+    if encoder == "text":
+        return list(text_tower(model).transformer.resblocks), "open_clip"
+    if hasattr(model.visual, "transformer"):
+        return list(model.visual.transformer.resblocks), "open_clip"
+    trunk = getattr(model.visual, "trunk", None)
+    return (list(trunk.blocks), "timm") if hasattr(trunk, "blocks") else ([], "none")
+
+
 def text_is_causal(model) -> bool:
     """Causal text towers (CLIP's) let prompts stop at their EOT token; the others see every position."""
     return text_tower(model).attn_mask is not None

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from harness.backbones import text_tower
+from harness.backbones import tower_blocks
 from harness.data.images import AUGMENT_DEVIATION
 from methods.base import Task, register
 from methods.clip_lora import CLIPLoRA
@@ -64,15 +64,14 @@ def decomposed_maps(model: nn.Module, encoders: tuple[str, ...]):
     open_clip's blocks as the official code (q, k, v of the packed in_proj, out_proj, c_fc, c_proj),
     and in a timm image tower every Linear of each block's attention and MLP (a fused qkv as three)."""
     for encoder in encoders:
-        if encoder == "vision" and not hasattr(model.visual, "transformer"):  # timm (the official code has no such case)
-            for block in model.visual.trunk.blocks:
+        blocks, kind = tower_blocks(model, encoder)
+        for block in blocks:
+            if kind == "timm":  # the official code has no such case
                 for part in (block.attn, block.mlp):
                     for name, module in part.named_modules():
                         if isinstance(module, nn.Linear):
                             yield module, "weight", 3 if name == "qkv" else 1
-            continue
-        tower = model.visual.transformer if encoder == "vision" else text_tower(model).transformer
-        for block in tower.resblocks:
+                continue
             yield block.attn, "in_proj_weight", 3
             yield block.attn.out_proj, "weight", 1
             yield block.mlp.c_fc, "weight", 1

@@ -68,8 +68,10 @@ class PromptLearner:
             width = embedding.shape[-1]
             self.ctx = torch.empty(n_ctx, width, device=task.device).normal_(std=init_std).requires_grad_(True)
 
-    def embeddings(self) -> torch.Tensor:
-        ctx = self.ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
+    def embeddings(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompts' token embeddings with `ctx` [n_ctx, W] (default: this learner's own) between
+        the fixed SOS and the class-name suffix (MaPLe and PromptSRC pass the context they learn)."""
+        ctx = (self.ctx if ctx is None else ctx).unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
         return torch.cat([self.prefix, ctx, self.suffix], dim=1)
 
     def text_features(self, task: Task) -> torch.Tensor:

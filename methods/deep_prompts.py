@@ -1,4 +1,4 @@
-"""CLIP's two towers with prompt tokens inserted inside them (MaPLe, PLOT++).
+"""CLIP's two towers with prompt tokens inserted inside them (MaPLe, PLOT++, PromptSRC).
 
 open_clip's `encode_image` / `encode_text` take no extra tokens, so these re-run the towers block
 by block: the same modules and weights, with learned tokens placed where the official MaPLe and
@@ -15,6 +15,7 @@ PLOT++ code (`clip/model.py` of each) places them. With no prompts they equal CL
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from open_clip.model import CLIP
 
 
@@ -65,3 +66,11 @@ def text_tower(model: CLIP, embeddings: torch.Tensor, eot_index: torch.Tensor, d
         x = block(x, attn_mask=mask)
     x = model.ln_final(x)
     return x[torch.arange(x.shape[0], device=x.device), eot_index] @ model.text_projection
+
+
+def prompted_text_features(task, tokens, ctx: torch.Tensor, deep: list[torch.Tensor]) -> torch.Tensor:
+    """L2-normalised class text features of a coop.PromptLearner's fixed tokens with the learned
+    context `ctx` in place and the deep text prompts `deep` (MaPLe, PromptSRC)."""
+    with task.autocast():
+        feats = text_tower(task.backbone.model, tokens.embeddings(ctx), tokens.eot_index, list(deep))
+    return F.normalize(feats.float(), dim=-1)

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness.backbones import tower_blocks
+
 TARGETS = ("q", "k", "v", "o")
 
 
@@ -252,24 +254,6 @@ class AdaptedLinear(nn.Module):
             rows.add_(self.adapters[t].delta_weight().to(rows.dtype), alpha=sign)
 
 
-def _attention_sites(model, encoders: Iterable[str]):
-    """(holder, kind) per attention block of the chosen towers: an open_clip block (its `attn` is an
-    nn.MultiheadAttention) or a timm attention module (fused `qkv`, or `q_proj` / `k_proj` / `v_proj`)."""
-    from harness.backbones import text_tower
-
-    encoders = tuple(encoders)
-    unknown = set(encoders) - {"vision", "text"}
-    if unknown:
-        raise ValueError(f"Unknown encoder(s) {sorted(unknown)}; choose vision and/or text.")
-    for enc in encoders:
-        if enc == "text":
-            yield from ((block, "open_clip") for block in text_tower(model).transformer.resblocks)
-        elif hasattr(model.visual, "transformer"):
-            yield from ((block, "open_clip") for block in model.visual.transformer.resblocks)
-        elif hasattr(getattr(model.visual, "trunk", None), "blocks"):
-            yield from ((block.attn, "timm") for block in model.visual.trunk.blocks)
-
-
 def _adapt_timm(attn: nn.Module, make_adapter: AdapterFactory, targets: tuple[str, ...]) -> list[nn.Parameter]:
     if getattr(attn, "qkv", None) is not None:
         if getattr(attn, "q_bias", None) is not None:  # EVA's fused path applies the weight itself: an adapter would be skipped
@@ -300,15 +284,17 @@ def add_adapters(
     targets = tuple(targets)
     params: list[nn.Parameter] = []
     n_blocks = 0
-    for holder, kind in _attention_sites(model, encoders):
-        if kind == "timm":
-            params.extend(_adapt_timm(holder, make_adapter, targets))
-        else:
-            if not isinstance(holder.attn, nn.MultiheadAttention):
-                raise TypeError(f"Expected nn.MultiheadAttention in {type(holder).__name__}.attn, found {type(holder.attn).__name__}.")
-            holder.attn = AdaptedAttention(holder.attn, make_adapter, targets)
-            params.extend(holder.attn.adapters.parameters())
-        n_blocks += 1
+    for encoder in encoders:
+        blocks, kind = tower_blocks(model, encoder)
+        for block in blocks:
+            if kind == "timm":
+                params.extend(_adapt_timm(block.attn, make_adapter, targets))
+            else:
+                if not isinstance(block.attn, nn.MultiheadAttention):
+                    raise TypeError(f"Expected nn.MultiheadAttention in {type(block).__name__}.attn, found {type(block.attn).__name__}.")
+                block.attn = AdaptedAttention(block.attn, make_adapter, targets)
+                params.extend(block.attn.adapters.parameters())
+            n_blocks += 1
     if n_blocks == 0:
         raise ValueError("No attention blocks found to adapt.")
     return params

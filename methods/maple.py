@@ -39,7 +39,7 @@ from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, count_trainable, register
 from methods.coop import PromptLearner
 from methods.dassl_loop import DASSL_DEFAULTS, DASSL_SCHEMA
-from methods.deep_prompts import text_tower, vision_tower
+from methods.deep_prompts import prompted_text_features, vision_tower
 from methods.hparams import Param
 
 
@@ -131,11 +131,7 @@ class MaPLe(Method):
             self.text_weights = self.text_features(task, self.tokens)
 
     def text_features(self, task: Task, tokens: PromptLearner) -> torch.Tensor:
-        ctx = self.prompts.ctx.unsqueeze(0).expand(tokens.prefix.shape[0], -1, -1)
-        embeddings = torch.cat([tokens.prefix, ctx, tokens.suffix], dim=1)
-        with task.autocast():
-            feats = text_tower(task.backbone.model, embeddings, tokens.eot_index, list(self.prompts.compound_text))
-        return F.normalize(feats.float(), dim=-1)
+        return prompted_text_features(task, tokens, self.prompts.ctx, self.prompts.compound_text)
 
     def image_features(self, task: Task, crops: torch.Tensor) -> torch.Tensor:
         first, deep = self.prompts.vision_prompts()

@@ -49,7 +49,7 @@ from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, count_trainable, register
 from methods.coop import PromptLearner
 from methods.dassl_loop import DASSL_DEFAULTS, DASSL_SCHEMA
-from methods.deep_prompts import text_tower, vision_tower
+from methods.deep_prompts import prompted_text_features, vision_tower
 from methods.hparams import Param
 from methods.maple import tower_widths
 
@@ -178,11 +178,7 @@ class PromptSRC(Method):
         return torch.stack(per_template).mean(0)
 
     def text_features(self, task: Task, tokens: PromptLearner) -> torch.Tensor:
-        ctx = self.prompts.ctx.unsqueeze(0).expand(tokens.prefix.shape[0], -1, -1)
-        embeddings = torch.cat([tokens.prefix, ctx, tokens.suffix], dim=1)
-        with task.autocast():
-            feats = text_tower(task.backbone.model, embeddings, tokens.eot_index, list(self.prompts.deep_text))
-        return F.normalize(feats.float(), dim=-1)
+        return prompted_text_features(task, tokens, self.prompts.ctx, self.prompts.deep_text)
 
     def image_features(self, task: Task, pixels: torch.Tensor, prompted: bool = True) -> torch.Tensor:
         """L2-normalised image features of normalised pixels, through the prompted tower or frozen CLIP's."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.backbones import encode_text, text_tower
+from harness.backbones import encode_text, text_tower, tower_blocks
 from harness.data.images import AUGMENT_DEVIATION, random_resized_crops
 from methods.base import FiniteGuard, ImageSet, Task, register
 from methods.clip_lora import CLIPLoRA, shuffled_batches
@@ -45,20 +45,18 @@ from methods.hparams import Param
 def layernorms(model: nn.Module, encoders=("vision", "text"), outer: bool = False) -> list[nn.LayerNorm]:
     """The LayerNorms 2SFS trains: ln_1 and ln_2 of every block of the encoders (norm1 and norm2 in a
     timm image tower), and with `outer` ln_pre and ln_post of the image tower and ln_final of the text
-    tower, which the released code leaves frozen (a timm tower: its final norm)."""
-    text = text_tower(model)
+    tower, which the released code leaves frozen (a timm tower: its final norms)."""
     norms, ends = [], []
     for e in encoders:
+        blocks, kind = tower_blocks(model, e)
+        norms += [m for block in blocks for m in ((block.norm1, block.norm2) if kind == "timm" else (block.ln_1, block.ln_2))]
         if e == "text":
-            norms += [m for block in text.transformer.resblocks for m in (block.ln_1, block.ln_2)]
-            ends += [text.ln_final]
-        elif hasattr(model.visual, "transformer"):
-            norms += [m for block in model.visual.transformer.resblocks for m in (block.ln_1, block.ln_2)]
+            ends += [text_tower(model).ln_final]
+        elif kind == "open_clip":
             ends += [model.visual.ln_pre, model.visual.ln_post]
-        else:  # timm
-            trunk = model.visual.trunk
-            norms += [m for block in trunk.blocks for m in (block.norm1, block.norm2)]
-            ends += [m for m in (getattr(trunk, "norm_pre", None), getattr(trunk, "norm", None)) if isinstance(m, nn.LayerNorm)]
+        else:
+            ends += [m for m in (getattr(model.visual.trunk, "norm_pre", None), getattr(model.visual.trunk, "norm", None))
+                     if isinstance(m, nn.LayerNorm)]
     return norms + (ends if outer else [])
 
 
