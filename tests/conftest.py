@@ -10,6 +10,25 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def only_builtin_methods():
+    """Each test starts and ends with only the built-in methods registered: a plugin one test loads
+    (test_plugins, the tamper plugin of test_record_integrity) never joins another's --all-methods."""
+    import sys
+
+    from harness import plugins
+    from methods import REGISTRY
+
+    builtins = dict(REGISTRY)
+    plugins.reset()
+    yield
+    plugins.reset()
+    REGISTRY.clear()
+    REGISTRY.update(builtins)
+    for name in [m for m in sys.modules if m.startswith("harness_plugin_")]:
+        del sys.modules[name]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("harness-cache")

@@ -21,3 +21,20 @@ def run_method(method, dataset, shots, backbone, seed=1, sets=None) -> dict:
     splits = load_datasets([dataset], Path("unused"))[dataset]
     test = ImageSet(splits.root, dataset, splits.test, backbone.image_size, evaluation=True)
     return run_one(spec, backbone, splits, test, {}, lambda total, desc: Steps())
+
+
+def block_inputs(model, run) -> dict[str, list]:
+    """What each transformer block of CLIP's two towers receives while `run()` goes through `model`
+    (no gradients): per tower, one tensor per block call, in order."""
+    import torch
+
+    seen = {"text": [], "vision": []}
+    hooks = [block.register_forward_pre_hook(lambda m, args, k=k: seen[k].append(args[0].detach().clone()))
+             for k, tower in (("text", model.transformer), ("vision", model.visual.transformer)) for block in tower.resblocks]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

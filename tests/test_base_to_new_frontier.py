@@ -9,7 +9,7 @@ import duckdb
 import pytest
 import torch
 import torch.nn.functional as F
-from runs import eval_images
+from runs import block_inputs, eval_images
 from test_coop import make_task
 
 from harness.backbones import Backbone, build_architecture, encode_text
@@ -93,14 +93,8 @@ def test_promptsrc_prompts_replace_each_layers_tokens_in_both_towers(tiny, demo_
     task = make_task(tiny, "demo_shapes", 1)
     method = built("promptsrc", task, prompt_depth_text=2, prompt_depth_vision=2)
     assert len(method.prompts.deep_text) == 1 and len(method.prompts.deep_vision) == 1
-    seen = {"text": [], "vision": []}
-    hooks = [b.register_forward_pre_hook(lambda m, a, k=k: seen[k].append(a[0].detach().clone()))
-             for k, tower in (("text", tiny.model.transformer), ("vision", tiny.model.visual.transformer)) for b in tower.resblocks]
-    with torch.no_grad():
-        method.text_features(task, method.tokens)
-        method.image_features(task, torch.rand(2, 3, tiny.image_size, tiny.image_size))
-    for h in hooks:
-        h.remove()
+    seen = block_inputs(tiny.model, lambda: (method.text_features(task, method.tokens),
+                                             method.image_features(task, torch.rand(2, 3, tiny.image_size, tiny.image_size))))
     n = len(task.classnames)
     assert torch.equal(seen["text"][0][:, 1:5], (method.prompts.ctx + tiny.model.positional_embedding[1:5]).expand(n, -1, -1))
     assert torch.equal(seen["text"][1][:, 1:5], method.prompts.deep_text[0].expand(n, -1, -1))  # layer 1: its own prompts
@@ -167,14 +161,8 @@ def test_base_to_new_frontier_on_the_demo_under_both_recipes(tmp_path, demo_root
 def test_mmrl_tokens_enter_only_the_representation_layers(tiny, demo_root):
     task = make_task(tiny, "demo_shapes", 1)
     method = built("mmrl", task, rep_layers=[2])
-    seen = {"text": [], "vision": []}
-    hooks = [b.register_forward_pre_hook(lambda m, a, k=k: seen[k].append(a[0].detach().clone()))
-             for k, tower in (("text", tiny.model.transformer), ("vision", tiny.model.visual.transformer)) for b in tower.resblocks]
-    with torch.no_grad():
-        method.text_features(task, method.tokens)
-        method.image_features(task, torch.rand(2, 3, tiny.image_size, tiny.image_size))
-    for h in hooks:
-        h.remove()
+    seen = block_inputs(tiny.model, lambda: (method.text_features(task, method.tokens),
+                                             method.image_features(task, torch.rand(2, 3, tiny.image_size, tiny.image_size))))
     vision, text = method.learner.mapped()
     patches = (tiny.image_size // tiny.model.visual.patch_size[0]) ** 2
     length = method.tokens.argmax(-1).max() + 1
@@ -183,13 +171,7 @@ def test_mmrl_tokens_enter_only_the_representation_layers(tiny, demo_root):
     torch.testing.assert_close(seen["vision"][1][:, 1:6], vision[0].expand(2, -1, -1), rtol=0, atol=0)  # right after CLS
     torch.testing.assert_close(seen["text"][1][:, 1:6], text[0].expand(len(task.classnames), -1, -1), rtol=0, atol=0)  # after BOT
     both = built("mmrl", task, rep_layers=[1, 2])  # a later layer replaces the K outputs, it does not add more
-    seen = {"text": [], "vision": []}
-    hooks = [b.register_forward_pre_hook(lambda m, a, k=k: seen[k].append(a[0].detach().clone()))
-             for k, tower in (("text", tiny.model.transformer), ("vision", tiny.model.visual.transformer)) for b in tower.resblocks]
-    with torch.no_grad():
-        both.image_features(task, torch.rand(2, 3, tiny.image_size, tiny.image_size))
-    for h in hooks:
-        h.remove()
+    seen = block_inputs(tiny.model, lambda: both.image_features(task, torch.rand(2, 3, tiny.image_size, tiny.image_size)))
     assert seen["vision"][0].shape[1] == seen["vision"][1].shape[1] == 1 + 5 + patches
     torch.testing.assert_close(seen["vision"][1][:, 1:6], both.learner.mapped()[0][1].expand(2, -1, -1), rtol=0, atol=0)
 

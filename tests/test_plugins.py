@@ -23,19 +23,6 @@ PROBE = EXAMPLE / "linear_probe.py"
 DEMO_RUN = ["run", "--suite", "demo", "-m", "linear_probe", "-d", "demo_shapes", "--shots", "1", "--seeds", "1"]
 
 
-@pytest.fixture(autouse=True)
-def clean_plugins():
-    """Each test starts and ends with only the built-in methods registered."""
-    builtins = dict(REGISTRY)
-    plugins.reset()
-    yield
-    plugins.reset()
-    REGISTRY.clear()
-    REGISTRY.update(builtins)
-    for name in [m for m in sys.modules if m.startswith("harness_plugin_")]:
-        del sys.modules[name]
-
-
 def runs(db):
     con = duckdb.connect(str(db), read_only=True)
     try:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from runs import run_method
+from runs import block_inputs, run_method
 from test_coop import make_task
 from typer.testing import CliRunner
 
@@ -129,16 +129,8 @@ def test_maple_prompts_reach_layers_1_to_depth_minus_1_of_both_towers(demo_root)
     task = make_task(backbone, "demo_shapes", 1)
     method = built("maple", task, prompt_depth=3)
     prompts = method.prompts
-    seen = {"text": {}, "vision": {}}
-    hooks = [block.register_forward_pre_hook(lambda m, args, i=i: seen["text"].__setitem__(i, args[0]))
-             for i, block in enumerate(backbone.model.transformer.resblocks)]
-    hooks += [block.register_forward_pre_hook(lambda m, args, i=i: seen["vision"].__setitem__(i, args[0]))
-              for i, block in enumerate(backbone.model.visual.transformer.resblocks)]
-    with torch.no_grad():
-        method.text_features(task, method.tokens)
-        method.image_features(task, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
-    for h in hooks:
-        h.remove()
+    seen = block_inputs(backbone.model, lambda: (method.text_features(task, method.tokens),
+                                                 method.image_features(task, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))))
     _, deep = prompts.vision_prompts()
     for i in (1, 2):  # depth 3: layers 1 and 2 get their own prompts ...
         assert torch.equal(seen["text"][i][:, 1:3], prompts.compound_text[i - 1].expand(len(task.classnames), -1, -1))
