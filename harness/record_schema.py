@@ -15,6 +15,7 @@ from datetime import datetime
 
 from harness.cost import CPU_BASIS, CUDA_BASIS, PROCESS_BASIS
 from harness.grid import config_hash_of
+from harness.protocols import protocols
 
 MAX_RECORD_BYTES = 2_000_000  # a real record is a few kB (a long traceback included)
 STATUSES = ("ok", "failed")
@@ -131,4 +132,6 @@ def record_problems(record) -> list[str]:
         differ = [k for k in SAME_AS_CONFIG if k in config and k in record and config[k] != record[k]]
         if differ:
             problems.append(f"{', '.join(differ)} differ between the record and its config")
+    if isinstance(config, dict) and "recipe" in config and config["recipe"] not in protocols():
+        problems.append(f"config's recipe {str(config['recipe'])[:40]!r} is not a protocol ({', '.join(protocols())})")
     return problems

@@ -46,6 +46,8 @@ def _rows(db):
     ({"dataset": "demo_shapes"}, "dataset differ between the record and its config"),
     ({"train_seconds": float("inf")}, "train_seconds is inf, not a finite non-negative number"),
     ({"error": "x" * 200_000}, "error holds 200,000 characters"),
+    ({"memory_basis": "vibes"}, "memory_basis is 'vibes', not one of"),
+    ({"machine_load": -1.0}, "machine_load is -1.0, not a finite non-negative number"),
 ])
 def test_ingest_refuses_records_that_break_the_schema(tmp_path, capsys, real_record, change, why):
     records, db = tmp_path / "records", tmp_path / "h.duckdb"
@@ -54,6 +56,14 @@ def test_ingest_refuses_records_that_break_the_schema(tmp_path, capsys, real_rec
     assert result.stored == 0 and len(result.invalid) == 1 and why in result.invalid[0], result.invalid
     assert why in capsys.readouterr().err
     assert not db.exists()  # nothing to store: the database was never opened
+
+
+def test_a_record_whose_recipe_is_no_protocol_is_refused(tmp_path, real_record):
+    """`config.recipe` is outside the hash (the hyper-parameters are hashed) but labels the report's rows."""
+    records, db = tmp_path / "records", tmp_path / "h.duckdb"
+    write_record_file(records, {**real_record, "config": {**real_record["config"], "recipe": "vibes"}})
+    result = ingest(records, db)
+    assert result.stored == 0 and "config's recipe 'vibes' is not a protocol" in result.invalid[0], result.invalid
 
 
 def test_a_deeply_nested_or_huge_file_is_refused_not_a_crash(tmp_path, capsys, real_record):
