@@ -45,8 +45,9 @@ TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny_demo.safetensors"
 CAPABILITIES = {
     "text_tokens": "a text tower that takes token embeddings (open_clip's own, causal or not)",
     "clip_text": "CLIP's own text tower (token embeddings in, causal mask, EOT pooling) to put learned tokens into",
-    "vit_tokens": "a ViT image tower whose token sequence can take extra tokens",
-    "attention_blocks": "attention blocks with q, k, v projections in both towers (open_clip's or timm's)",
+    "vit_tokens": "a ViT image tower whose token sequence can take extra tokens (open_clip's, or timm's ViT or EVA)",
+    "clip_vit": "CLIP's own ViT image tower (class token, ln_pre, ln_post, projection matrix) to put learned tokens into",
+    "attention_blocks": "attention with q, k, v projections in both towers (open_clip's or timm's blocks, or a ResNet's attention pooling)",
     "visual_proj": "a visual projection matrix after the image tower's pooled token",
     "block_layernorms": "LayerNorms in every block of both towers (open_clip's or timm's)",
 }
@@ -194,17 +195,28 @@ def capabilities(name: str) -> dict[str, str]:
     elif text.get("no_causal_mask") or text.get("pool_type", "argmax") != "argmax":  # text_tokens: yes
         missing["clip_text"] = "its text tower is not causal and EOT-pooled (SigLIP-style)"
     elif cfg.get("custom_text"):
-        missing["clip_text"] = "its text tower is open_clip's separate TextTransformer (CustomTextCLIP), which the deep-prompt code does not reach yet"
-    if resnet or timm:
-        why = "its image tower is a ResNet with attention pooling" if resnet else f"its image tower is timm's {vision['timm_model_name']}"
-        missing.update({"vit_tokens": why, "visual_proj": why})
-        if resnet:
-            missing["attention_blocks"] = why + " (attention only in the final pooling, whose weights it applies itself)"
-            missing["block_layernorms"] = why + " (batch norms)"
+        missing["clip_text"] = "its text tower is open_clip's separate TextTransformer (CustomTextCLIP), not CLIP's own"
+    if resnet:
+        why = "its image tower is a ResNet with attention pooling"
+        missing.update({"vit_tokens": why + " (no token sequence)", "clip_vit": why, "visual_proj": why,
+                        "block_layernorms": why + " (batch norms)"})
+    elif timm:
+        why = f"its image tower is timm's {vision['timm_model_name']}"
+        missing.update({"clip_vit": why, "visual_proj": why})
+        if not _timm_token_tower(vision["timm_model_name"]):
+            missing["vit_tokens"] = why + " (neither a timm VisionTransformer nor an EVA)"
     if "text_tokens" in missing:
         missing.setdefault("attention_blocks", missing["text_tokens"])
         missing.setdefault("block_layernorms", missing["text_tokens"])
     return missing
+
+
+def _timm_token_tower(timm_name: str) -> bool:
+    """timm's VisionTransformer and EVA (EVA-02, PE-Core) trunks, whose token sequence
+    methods/deep_prompts.py extends; `harness_tiny_vit` (tiny_siglip's) is a VisionTransformer."""
+    from timm.models import is_model_in_modules
+
+    return timm_name == "harness_tiny_vit" or is_model_in_modules(timm_name, ["vision_transformer", "eva"])
 
 
 def refusal(method_cls, name: str) -> str | None:
@@ -383,13 +395,16 @@ def text_tower(model):
 def tower_blocks(model, encoder: str) -> tuple[list, str]:
     """A tower's transformer blocks and whose they are: "open_clip" (ln_1, attn as nn.MultiheadAttention,
     ln_2, mlp.c_fc / c_proj: CLIP's towers and every open_clip text tower) or "timm" (norm1, attn with
-    qkv or q/k/v projections, norm2, mlp: a timm image tower); none for a ResNet image tower."""
+    qkv or q/k/v projections, norm2, mlp: a timm image tower) or "attnpool" (a ResNet image tower's
+    only attention: its final `AttentionPool2d`, q/k/v/c_proj Linears)."""
     if encoder not in ("vision", "text"):
         raise ValueError(f"Unknown encoder '{encoder}'; choose vision and/or text.")
     if encoder == "text":
         return list(text_tower(model).transformer.resblocks), "open_clip"
     if hasattr(model.visual, "transformer"):
         return list(model.visual.transformer.resblocks), "open_clip"
+    if hasattr(model.visual, "attnpool"):
+        return [model.visual.attnpool], "attnpool"
     trunk = getattr(model.visual, "trunk", None)
     return (list(trunk.blocks), "timm") if hasattr(trunk, "blocks") else ([], "none")
 
@@ -399,17 +414,25 @@ def text_is_causal(model) -> bool:
     return text_tower(model).attn_mask is not None
 
 
-def encode_token_embeddings(model: CLIP, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+def encode_token_embeddings(model: CLIP, x: torch.Tensor, eot_index: torch.Tensor, deep: list[torch.Tensor] = ()) -> torch.Tensor:
     """The text tower from token embeddings [B, L, W] on: positions, transformer (causal or not),
     ln_final, pooling (EOT token, or the last / first position), projection. With a causal mask L may
     stop at the longest EOT: the tokens up to EOT never see what follows them, so truncation leaves
-    the features unchanged; a non-causal tower is given the whole context.
+    the features unchanged; a non-causal tower is given the whole context. Deep prompts (MaPLe,
+    PromptSRC): deep[i] [n, W] replaces positions 1..n before block i + 1.
     """
     tower = text_tower(model)
     length = x.shape[1]
     x = x + tower.positional_embedding[:length].to(x.dtype)
     mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
-    x = tower.ln_final(tower.transformer(x, attn_mask=mask))
+    if not tower.transformer.batch_first:
+        raise ValueError("prompt learners need a batch-first open_clip transformer (open_clip >= 2.23)")
+    for i, block in enumerate(tower.transformer.resblocks):
+        if 1 <= i <= len(deep):
+            p = deep[i - 1].to(x.dtype)
+            x = torch.cat([x[:, :1], p.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, 1 + p.shape[0] :]], dim=1)
+        x = block(x, attn_mask=mask)
+    x = tower.ln_final(x)
     pool = getattr(tower, "text_pool_type", None) or getattr(tower, "pool_type", "argmax")
     x = x[torch.arange(x.shape[0], device=x.device), eot_index] if pool == "argmax" else x[:, -1] if pool == "last" else x[:, 0]
     projection = tower.text_projection

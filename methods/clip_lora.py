@@ -17,6 +17,8 @@ Deviations (named, and recorded in each run's config through the precision field
 - augmentation runs on uint8 tensors on the device (torchvision v2, antialiased bicubic) instead of
   PIL in a DataLoader (at most 2/255 apart per pixel on the demo images, bench/resize_fidelity.py); the text tower runs on the prompt tokens only (identical features);
 - `steps_per_shot` may be scaled down by a suite override (the demo suite does);
+- a ResNet image tower (no official counterpart) has attention only in its final pooling: LoRA adapts
+  that pooling's q, k, v projections (methods/lora.py `AdaptedAttentionPool`), the text tower as usual;
 - `max_short_side` (default None: off) downscales few-shot originals before they go to the device
   (16-shot ImageNet at full resolution would hold ~10 GB on the GPU); recorded in the config.
 """
@@ -86,7 +88,8 @@ class CLIPLoRA(Method):
         "bf16 autocast on CUDA by default instead of fp16 + GradScaler (--precision fp16 runs the official one; fp32 on CPU); LoRA factored (x A^T) B^T in training "
         f"and merged for evaluation instead of B@A at every forward (same function); {AUGMENT_DEVIATION}; "
         "text tower on the prompt tokens only (same features); suite overrides may lower steps_per_shot; "
-        "few-shot subsets from CoOp's draw by default (CLIP-LoRA's own draw, val first and padded: --sampler clip_lora)"
+        "few-shot subsets from CoOp's draw by default (CLIP-LoRA's own draw, val first and padded: --sampler clip_lora); "
+        "on a ResNet image tower (no official counterpart) the q, k, v of its attention pooling"
     )
     open_vocabulary = True
     defaults = {

@@ -62,10 +62,14 @@ class SingularValues(nn.Module):
 def decomposed_maps(model: nn.Module, encoders: tuple[str, ...]):
     """(module, weight name, row blocks) of every linear map CLIP-SVD decomposes in these encoders:
     open_clip's blocks as the official code (q, k, v of the packed in_proj, out_proj, c_fc, c_proj),
-    and in a timm image tower every Linear of each block's attention and MLP (a fused qkv as three)."""
+    and in a timm image tower every Linear of each block's attention and MLP (a fused qkv as three), in a
+    ResNet image tower the q, k, v and output projections of its attention pooling."""
     for encoder in encoders:
         blocks, kind = tower_blocks(model, encoder)
         for block in blocks:
+            if kind == "attnpool":  # nor this one; the pooling reads `.weight`, so the parametrization acts
+                yield from ((getattr(block, name), "weight", 1) for name in ("q_proj", "k_proj", "v_proj", "c_proj"))
+                continue
             if kind == "timm":  # the official code has no such case
                 for part in (block.attn, block.mlp):
                     for name, module in part.named_modules():
@@ -81,14 +85,15 @@ def decomposed_maps(model: nn.Module, encoders: tuple[str, ...]):
 @register
 class CLIPSVD(CLIPLoRA):
     name = "clip_svd"
-    requires = ("attention_blocks",)  # linear maps in every block of both towers (open_clip's or timm's)
+    requires = ("attention_blocks",)  # linear maps in every block of both towers (open_clip's or timm's; a ResNet's pooling)
     paper = "Koleilat, Rivaz, Xiao, Singular Value Few-shot Adaptation of Vision-Language Models, 2025 (arXiv 2509.03740)"
     source = "HealthX-Lab/CLIP-SVD@022b1eda02df (train.py, svf_torch.py, svf_utils/utils.py)"
     deviations = (
         "bf16 autocast on CUDA / fp32 on CPU (official: fp16 autocast without loss scaling); W = U diag(s) V^T rebuilt "
         f"once per forward (official: x V then U per token; same function); {AUGMENT_DEVIATION}; base-to-new runs the "
         "few-shot recipe (official: lr 4e-4, 10/20 epochs by dataset with a cycling cosine); in a timm image tower (no "
-        "official counterpart) every Linear of each block's attention and MLP is decomposed"
+        "official counterpart) every Linear of each block's attention and MLP is decomposed; in a ResNet image tower (none "
+        "either) the q, k, v and output projections of its attention pooling, the tower's only attention"
     )
     defaults = {
         "encoders": "both",

@@ -1,5 +1,6 @@
 """LoRA and Block-LoRA adapters on the q/k/v projections of open_clip's attention blocks (and of
-timm's, in timm image towers: `AdaptedLinear` on the fused qkv or the separate q/k/v projections).
+timm's, in timm image towers: `AdaptedLinear` on the fused qkv or the separate q/k/v projections;
+and of a ResNet image tower's only attention, its final attention pooling: `AdaptedAttentionPool`).
 
 `AdaptedAttention` replaces an `nn.MultiheadAttention` (same call, batch_first) with one that keeps
 the packed frozen `in_proj` (one fused matmul for q, k, v), adds a low-rank branch to the chosen
@@ -254,6 +255,30 @@ class AdaptedLinear(nn.Module):
             rows.add_(self.adapters[t].delta_weight().to(rows.dtype), alpha=sign)
 
 
+class AdaptedAttentionPool(nn.Module):
+    """OpenAI's ResNet attention pooling (open_clip `AttentionPool2d`) with its q, k, v (and output
+    c_proj) projections as `AdaptedLinear`s. The original applies the weights itself through
+    `F.multi_head_attention_forward`, where a module-level adapter would never be called; this
+    forward calls the projections as modules and attends with SDPA. Only the first token (the spatial
+    mean) is pooled, so only its query is computed; the output equals the original's."""
+
+    def __init__(self, pool: nn.Module, make_adapter: AdapterFactory, targets: tuple[str, ...]):
+        super().__init__()
+        self.positional_embedding, self.num_heads = pool.positional_embedding, pool.num_heads
+        for t, name in zip(TARGETS, ("q_proj", "k_proj", "v_proj", "c_proj")):
+            linear = getattr(pool, name)
+            setattr(self, name, AdaptedLinear(linear, make_adapter, {t: 0}, 1) if t in targets else linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).transpose(1, 2)  # [N, C, H, W] -> [N, HW, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
+        B, L, C = x.shape
+        heads = lambda t: t.view(B, t.shape[1], self.num_heads, C // self.num_heads).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C)
+        return self.c_proj(out)
+
+
 def _adapt_timm(attn: nn.Module, make_adapter: AdapterFactory, targets: tuple[str, ...]) -> list[nn.Parameter]:
     if getattr(attn, "qkv", None) is not None:
         if getattr(attn, "q_bias", None) is not None:  # EVA's fused path applies the weight itself: an adapter would be skipped
@@ -279,7 +304,7 @@ def add_adapters(
     targets: Iterable[str] = ("q", "k", "v"),
 ) -> list[nn.Parameter]:
     """IN PLACE: freeze `model`, put adapters in every attention block of the chosen encoders of an
-    open_clip CLIP (or its timm image tower), return the adapter parameters (the only trainable ones)."""
+    open_clip CLIP (or its timm image tower, or a ResNet's attention pooling), return the adapter parameters (the only trainable ones)."""
     model.requires_grad_(False)
     targets = tuple(targets)
     params: list[nn.Parameter] = []
@@ -289,6 +314,9 @@ def add_adapters(
         for block in blocks:
             if kind == "timm":
                 params.extend(_adapt_timm(block.attn, make_adapter, targets))
+            elif kind == "attnpool":
+                model.visual.attnpool = AdaptedAttentionPool(block, make_adapter, targets)
+                params.extend(p for m in adapted_modules(model.visual.attnpool) for p in m.adapters.parameters())
             else:
                 if not isinstance(block.attn, nn.MultiheadAttention):
                     raise TypeError(f"Expected nn.MultiheadAttention in {type(block).__name__}.attn, found {type(block.attn).__name__}.")

@@ -12,7 +12,10 @@ Follows muzairkhattak/multimodal-prompt-learning (`trainers/maple.py`, `clip/mod
   start as copies of one initialised layer (the official `_get_clones`);
 - logits = 100 cos(image, text); cross-entropy; both towers frozen, all prompts and projections
   trained: 3,555,072 parameters on ViT-B/16 and ViT-B/32;
-- widths come from the backbone (ViT-L/14 works; the official code hard-codes 512 and 768);
+- widths come from the backbone (ViT-L/14 works; the official code hard-codes 512 and 768); timm
+  image towers (EVA-02, SigLIP 2, PE-Core) and non-causal text towers take the prompts as
+  methods/deep_prompts.py describes (no official counterpart): 3,555,072 parameters on EVA-02 B/16,
+  5,329,152 on SigLIP 2 B/16 (text width 768); a ResNet has no token sequence and is refused;
 - recipe (default, the base-to-new config, which the CLIP-LoRA paper ran at every shot count):
   SGD lr 0.0035, momentum 0.9, weight decay 5e-4, batch 4, 5 epochs, epoch 1 constant 1e-5 then
   cosine per epoch, last epoch; cross-dataset and domain shift use the `_cross_datasets` config
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.backbones import text_tower, tower_blocks
 from harness.cards import DatasetCard
 
 from methods import dassl_loop
@@ -44,7 +48,15 @@ from methods.hparams import Param
 
 
 def tower_widths(model) -> tuple[int, int]:
-    return model.token_embedding.weight.shape[1], model.visual.conv1.out_channels
+    """(text token width, vision token width) of open_clip's towers or a timm image tower."""
+    visual = model.visual
+    vision = visual.trunk.embed_dim if hasattr(visual, "trunk") else visual.conv1.out_channels
+    return text_tower(model).token_embedding.weight.shape[1], vision
+
+
+def shared_depth(model) -> int:
+    """The number of layers both towers have (the deepest a prompt may go)."""
+    return min(len(tower_blocks(model, "text")[0]), len(tower_blocks(model, "vision")[0]))
 
 
 class MultiModalPrompts(nn.Module):
@@ -53,11 +65,11 @@ class MultiModalPrompts(nn.Module):
     def __init__(self, task: Task, n_ctx: int, ctx_init: str, depth: int):
         super().__init__()
         text_width, vision_width = tower_widths(task.backbone.model)
-        layers = min(len(task.backbone.model.transformer.resblocks), len(task.backbone.model.visual.transformer.resblocks))
+        layers = shared_depth(task.backbone.model)
         if depth > layers:
             raise ValueError(f"prompt_depth {depth} exceeds the backbone's {layers} layers (--set prompt_depth={layers})")
         with torch.no_grad():
-            words = task.backbone.model.token_embedding(task.backbone.tokenize([ctx_init]))[0].float()
+            words = text_tower(task.backbone.model).token_embedding(task.backbone.tokenize([ctx_init]))[0].float()
         self.ctx = nn.Parameter(words[1 : 1 + n_ctx].clone())
         self.proj = nn.Linear(text_width, vision_width)
         self.compound_text = nn.ParameterList(
@@ -76,7 +88,7 @@ class MultiModalPrompts(nn.Module):
 @register
 class MaPLe(Method):
     name = "maple"
-    requires = ("clip_text", "vit_tokens")
+    requires = ("text_tokens", "vit_tokens")
     family = "prompt learning"
     paper = "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023"
     source = "muzairkhattak/multimodal-prompt-learning@69bce21ae8ed (trainers/maple.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
@@ -85,7 +97,8 @@ class MaPLe(Method):
         "vectors and the coupling projection are fp16 parameters updated by SGD in fp16 without loss scaling, the deep "
         "prompts and their projections fp32 (trainers/maple.py:90-117, 281-285); crops augmented on tensors; "
         "widths from the backbone (ViT-L/14 runs); few-shot uses the base-to-new recipe as the CLIP-LoRA paper did; "
-        "demo suite: depth 2 and more epochs (tiny backbone)"
+        "demo suite: depth 2 and more epochs (tiny backbone); timm image towers and non-CLIP text towers (no official "
+        "counterpart) take the prompts as methods/deep_prompts.py decides"
     )
     open_vocabulary = True
     defaults = {

@@ -121,7 +121,7 @@ def text_features(model, tokens: torch.Tensor, rep_layers: list[int], reps: list
 @register
 class MMRL(Method):
     name = "mmrl"
-    requires = ("clip_text", "vit_tokens")
+    requires = ("clip_text", "clip_vit")
     family = "multi-modal representation learning"
     paper = "Guo, Gu, MMRL: Multi-Modal Representation Learning for Vision-Language Models, CVPR 2025"
     source = "yunncheng/MMRL@27d8821f6ac1 (trainers/mmrl.py, clip/model_mmrl.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"

@@ -29,7 +29,8 @@ seed 1's images) and seeds other than 1 start from seed 1's.
 
 Deviations: precision fp32 (CPU) / bf16 autocast (CUDA) with fp32 parameters instead of fp16;
 crops augmented on tensors (AUGMENT_DEVIATION); widths from the backbone (the official code
-hard-codes 768); datasets without an official string set (the demo's) use Caltech101's; Sinkhorn
+hard-codes 768), and timm image towers and non-CLIP text towers (no official counterpart) take the
+prompts as methods/deep_prompts.py decides; datasets without an official string set (the demo's) use Caltech101's; Sinkhorn
 returning NaN fails the run (the official forward returns None and crashes); epoch_scale < 1 only
 in the demo suite.
 """
@@ -41,6 +42,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from harness.backbones import text_tower as text_tower_of
 from harness.cards import DatasetCard
 
 from methods import dassl_loop
@@ -49,6 +51,7 @@ from methods.coop import PromptLearner
 from methods.dassl_loop import DASSL_DEFAULTS, DASSL_SCHEMA
 from methods.deep_prompts import text_tower, vision_tower
 from methods.hparams import Param
+from methods.maple import tower_widths
 
 # plot-pp's template_dict: the N text prompts' init strings per dataset (n_ctx = words of the first).
 TEMPLATES = {
@@ -95,14 +98,15 @@ def ot_scores(image: torch.Tensor, text: torch.Tensor, eps: float = 0.1) -> torc
 @register
 class PlotPP(Method):
     name = "plot_pp"
-    requires = ("clip_text", "vit_tokens")
+    requires = ("text_tokens", "vit_tokens")
     family = "prompt learning"
     paper = "Chen et al., PLOT: Prompt Learning with Optimal Transport for Vision-Language Models, ICLR 2023 (PLOT++)"
     source = "CHENGY12/PLOT@728539feac3f (plot-pp/trainers/plotpp.py)"
     deviations = (
         "precision fp32 (CPU) / bf16 autocast (CUDA) instead of fp16; crops augmented on tensors; widths from the "
         "backbone; seeds independent by default (share_stage1=true: the released scripts' shared seed-1 stage 1); "
-        "Caltech101's prompt strings for datasets without official ones; epoch_scale < 1 only in the demo"
+        "Caltech101's prompt strings for datasets without official ones; epoch_scale < 1 only in the demo; timm image "
+        "towers and non-CLIP text towers (no official counterpart) take the prompts as methods/deep_prompts.py decides"
     )
     open_vocabulary = True
     defaults = {
@@ -139,9 +143,9 @@ class PlotPP(Method):
         strings = self.strings(task)
         self.n_ctx = len(strings[0].split())
         with torch.no_grad():
-            words = model.token_embedding(task.backbone.tokenize(strings)).float()  # each string alone
+            words = text_tower_of(model).token_embedding(task.backbone.tokenize(strings)).float()  # each string alone
         self.ctx = words[:, 1 : 1 + self.n_ctx].clone().requires_grad_(True)  # [N, n_ctx, W]
-        vision_width = model.visual.conv1.out_channels
+        vision_width = tower_widths(model)[1]
         self.ctx_vision = torch.empty(hp["n_vision_sets"], hp["n_ctx_vision"], vision_width, device=task.device)
         self.ctx_vision = self.ctx_vision.normal_(std=0.02).requires_grad_(True)
         self.tokens = self.prompt_tokens(task)

@@ -51,7 +51,7 @@ from methods.coop import PromptLearner
 from methods.dassl_loop import DASSL_DEFAULTS, DASSL_SCHEMA
 from methods.deep_prompts import prompted_text_features, vision_tower
 from methods.hparams import Param
-from methods.maple import tower_widths
+from methods.maple import shared_depth, tower_widths
 
 # PromptSRC's "textual diversity" templates: the same 60 strings as its trainers/imagenet_templates.py
 # IMAGENET_TEMPLATES, which are the first 60 of CLIP's 80 (its list puts "a photo of a {}." first; an
@@ -73,7 +73,7 @@ class IndependentPrompts(nn.Module):
         super().__init__()
         model = task.backbone.model
         text_width, vision_width = tower_widths(model)
-        layers = min(len(model.transformer.resblocks), len(model.visual.transformer.resblocks))
+        layers = shared_depth(model)
         for key in ("prompt_depth_text", "prompt_depth_vision"):
             if hp[key] > layers:
                 raise ValueError(f"{key} {hp[key]} exceeds the backbone's {layers} layers (--set {key}={layers})")
@@ -93,7 +93,7 @@ class IndependentPrompts(nn.Module):
 @register
 class PromptSRC(Method):
     name = "promptsrc"
-    requires = ("clip_text", "vit_tokens")
+    requires = ("text_tokens", "vit_tokens")
     family = "prompt learning"
     paper = "Khattak et al., Self-regulating Prompts: Foundational Model Adaptation without Forgetting, ICCV 2023"
     source = "muzairkhattak/PromptSRC@bb95c77b634d (trainers/promptsrc.py), KaiyangZhou/Dassl.pytorch@c61a1b570ac6"
@@ -101,7 +101,8 @@ class PromptSRC(Method):
         "GPA averages the prompt tensors only (official: the whole state dict in fp16, re-rounding the frozen CLIP "
         "weights); precision fp32 (CPU) / bf16 autocast (CUDA) with fp32 prompts instead of the official fp16 (its text "
         "ctx an fp16 parameter updated without a master copy); crops augmented on tensors; text encoder truncated to the "
-        "longest prompt (exact); demo suite: depth 2 and 20 epochs (tiny backbone)"
+        "longest prompt (exact); demo suite: depth 2 and 20 epochs (tiny backbone); timm image towers and non-CLIP "
+        "text towers (no official counterpart) take the prompts as methods/deep_prompts.py decides"
     )
     open_vocabulary = True
     defaults = {

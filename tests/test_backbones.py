@@ -26,12 +26,16 @@ FROZEN_FEATURE = {"zero_shot", "tip_adapter", "tip_adapter_f", "taskres", "clip_
 TEXT_PROMPTS = {"coop", "cocoop", "kgcoop", "prograd"}
 
 
-@pytest.mark.parametrize("backbone,expected", [("tiny_rn", FROZEN_FEATURE | TEXT_PROMPTS),
-                                              ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS | {"clip_lora", "block_lora", "two_sfs", "clip_svd"})])
+LORA_FAMILY = {"clip_lora", "block_lora", "clip_svd"}
+VISION_PROMPTS = {"maple", "plot_pp", "promptsrc"}
+
+
+@pytest.mark.parametrize("backbone,expected", [("tiny_rn", FROZEN_FEATURE | TEXT_PROMPTS | LORA_FAMILY),
+                                              ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS | LORA_FAMILY | VISION_PROMPTS | {"two_sfs"})])
 def test_each_family_runs_exactly_what_it_declares(tmp_path, capsys, demo_root, backbone, expected):
     db = tmp_path / f"{backbone}.duckdb"
     assert run_cli(["run", "--suite", "demo", "-b", backbone, "--all-methods", "-d", "demo_colours", "--shots", "2", "--seeds", "1",
-                    "--set", "epochs=4", "--db", str(db)]) == 0
+                    "--set", "epochs=10", "--db", str(db)]) == 0
     out = capsys.readouterr().out
     with duckdb.connect(str(db), read_only=True) as con:
         runs = dict(con.execute("SELECT method, status FROM runs").fetchall())
@@ -50,18 +54,21 @@ def test_a_method_named_for_a_backbone_that_cannot_run_it_is_refused_before_any_
     assert "prolip cannot run on tiny_siglip" in " ".join(capsys.readouterr().err.split())
 
 
-def test_lora_in_a_timm_image_tower_starts_at_clip_and_merges_exactly():
-    """CLIP-LoRA's adapters on timm's fused qkv (tiny_siglip): the model is unchanged at start (B = 0);
-    with trained-looking B the merged weights give the unmerged model's outputs."""
-    from methods.lora import AdaptedLinear, adapted_copy, lora_factory, merge_adapters
+@pytest.mark.parametrize("name,count", [("tiny_siglip", 3_072), ("tiny_rn", 4_608)])
+def test_lora_in_timm_and_resnet_towers_starts_at_clip_and_merges_exactly(name, count):
+    """CLIP-LoRA's adapters on timm's fused qkv (tiny_siglip) and on a ResNet's attention pooling
+    (tiny_rn; the pooling re-run with its projections as modules): the model is unchanged at start
+    (B = 0); with trained-looking B the adapters act and the merged weights give the unmerged outputs."""
+    from methods.lora import AdaptedAttentionPool, AdaptedLinear, adapted_copy, lora_factory, merge_adapters
 
-    backbone = load_backbone("tiny_siglip")
+    backbone = load_backbone(name)
     pixels, tokens = torch.rand(3, 3, 32, 32), backbone.tokenize(["a red star.", "blue"])
     model, params = adapted_copy(backbone.model, lora_factory(2, 1.0, 0.25))
-    assert sum(p.numel() for p in params) == 3_072 and any(isinstance(m, AdaptedLinear) for m in model.modules())
+    assert sum(p.numel() for p in params) == count and any(isinstance(m, AdaptedLinear) for m in model.modules())
+    assert isinstance(model.visual.attnpool, AdaptedAttentionPool) if name == "tiny_rn" else True
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(pixels), backbone.model.encode_image(pixels), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.encode_image(pixels), backbone.model.encode_image(pixels), rtol=0, atol=1e-5)
         for p in params:
             if p.shape[1] == 2:  # B [d_out, r]
                 p.normal_(std=0.05)
@@ -70,6 +77,30 @@ def test_lora_in_a_timm_image_tower_starts_at_clip_and_merges_exactly():
         merge_adapters(model)
         torch.testing.assert_close(model.encode_image(pixels), unmerged_image, rtol=0, atol=1e-5)
         torch.testing.assert_close(model.encode_text(tokens), unmerged_text, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_siglip", "EVA02-B-16:merged2b_s8b_b131k", "PE-Core-B-16:meta"])
+def test_prompted_image_towers_equal_the_backbone_without_prompts(name):
+    """The deep-prompt image tower (MaPLe, PLOT++, PromptSRC) equals the backbone's encode_image with no
+    prompts: open_clip's ViT, timm's ViT with attention pooling (tiny_siglip), EVA-02 (rotary, class
+    token) and PE-Core (rotary, attention pooling) at real size with random weights. With prompts the
+    features change, and the prompt tokens carry no position (EVA's rotary table gives them the
+    identity): swapping two of them leaves the features unchanged."""
+    from methods.deep_prompts import vision_tower
+
+    model = load_backbone(name).model if name.startswith("tiny") else build_architecture(name).eval()
+    size = 32 if name.startswith("tiny") else 224
+    width = 64 if name.startswith("tiny") else 768
+    pixels = torch.rand(2, 3, size, size) * 2 - 1
+    torch.manual_seed(0)
+    prompts, deep = torch.randn(1, 2, width), [torch.randn(1, 2, width)]
+    with torch.no_grad():
+        plain = model.encode_image(pixels)
+        torch.testing.assert_close(vision_tower(model, pixels)[0], plain, rtol=1e-4, atol=1e-5 * plain.abs().max())
+        prompted = vision_tower(model, pixels, prompts, deep)[0]
+        assert (prompted - plain).norm() > 0.01 * plain.norm()  # (random real-size weights give tiny features)
+        swapped = vision_tower(model, pixels, prompts.flip(1), [d.flip(1) for d in deep])[0]
+        torch.testing.assert_close(swapped, prompted, rtol=1e-4, atol=1e-4 * plain.abs().max())
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_rn", "tiny_siglip"])
@@ -132,41 +163,50 @@ def test_rn50_is_openais_architecture():
 
 
 def test_real_size_trainable_counts_and_refusals(demo_root):
-    """CoOp learns 16 x 512 = 8,192 on RN50 and on EVA-02 B/16 (its text tower in model.text); CLIP-LoRA
-    184,320 on EVA-02 B/16 and 221,184 on SigLIP 2 B/16; 2SFS's LayerNorms 61,440 and CLIP-SVD's 101,376 singular values on EVA-02 B/16; RN50 refuses CLIP-LoRA, and all three MaPLe."""
+    """Tested trainable-parameter counts at real size (random weights). CoOp: 16 x 512 = 8,192 on RN50
+    and EVA-02 B/16. CLIP-LoRA: 184,320 on EVA-02 B/16, 221,184 on SigLIP 2 B/16, 98,304 on RN50 (its
+    attention pooling and the text tower). MaPLe: 3,555,072 on EVA-02 B/16 (as on ViT-B/16), 5,329,152
+    on SigLIP 2 B/16 (text width 768); refused on RN50. 2SFS's LayerNorms 61,440 and CLIP-SVD's 101,376
+    singular values on EVA-02 B/16, CLIP-SVD 44,032 on RN50."""
     from test_coop import make_task
 
     from harness.backbones import Backbone
+    from methods.clip_svd import singular_value_count
+    from methods.lora import add_adapters, lora_factory
+    from methods.two_sfs import layernorms
 
     rn50 = Backbone("RN50", build_architecture("RN50").eval().requires_grad_(False), 224, "random", torch.device("cpu"))
     coop = REGISTRY["coop"]()
     coop.build(make_task(rn50, "demo_shapes", 1))
     assert coop.trainable_parameters() == 8_192
-    for name in ("RN50", "ViT-B-16-SigLIP2:webli", "EVA02-B-16:merged2b_s8b_b131k"):
-        assert refusal(REGISTRY["maple"], name)
-    assert "attention only in the final pooling" in refusal(REGISTRY["clip_lora"], "RN50")
-    assert refusal(REGISTRY["clip_lora"], "EVA02-B-16:merged2b_s8b_b131k") is None
-    assert refusal(REGISTRY["coop"], "ViT-B-16-SigLIP2:webli") is None  # any open_clip text tower takes CoOp's context
-    assert "SigLIP-style" in refusal(REGISTRY["maple"], "ViT-B-16-SigLIP2:webli")
+    for name in ("ViT-B-16-SigLIP2:webli", "EVA02-B-16:merged2b_s8b_b131k", "RN50"):
+        assert refusal(REGISTRY["clip_lora"], name) is None and refusal(REGISTRY["coop"], name) is None
+    assert refusal(REGISTRY["maple"], "EVA02-B-16:merged2b_s8b_b131k") is None and refusal(REGISTRY["maple"], "ViT-B-16-SigLIP2:webli") is None
+    assert "ResNet with attention pooling (no token sequence)" in refusal(REGISTRY["maple"], "RN50")
+    assert "CLIP's own ViT image tower" in refusal(REGISTRY["mmrl"], "RN50") and "SigLIP-style" in refusal(REGISTRY["mmrl"], "ViT-B-16-SigLIP2:webli")
+    # CLIP-LoRA on RN50: q, k, v of the attention pooling, 3 x 2 (2048 + 2048), and of the 12 text blocks, 12 x 3 x 2 (512 + 512)
+    assert singular_value_count(rn50.model) == 3 * 2048 + 1024 + 12 * 6 * 512 == 44_032
+    assert sum(p.numel() for p in add_adapters(rn50.model, lora_factory())) == 3 * 2 * 4096 + 12 * 3 * 2 * 1024 == 98_304
+
     eva = load_backbone_random("EVA02-B-16:merged2b_s8b_b131k")  # timm image tower, CLIP-like text tower in model.text
-    coop = REGISTRY["coop"]()
-    coop.build(make_task(eva, "demo_shapes", 1))
-    assert coop.trainable_parameters() == 8_192
-    from methods.lora import add_adapters, lora_factory
-
-    # CLIP-LoRA (rank 2 on q, k, v of every block): EVA-02's separate q/k/v projections, 12 x 3 x 2 (768 + 768)
-    # in the image tower and 12 x 3 x 2 (512 + 512) in the text tower, as on OpenAI's ViT-B/16
-    from methods.two_sfs import layernorms
-
+    for name, expected in (("coop", 8_192), ("maple", 3_555_072)):
+        method = REGISTRY[name]()
+        method.build(make_task(eva, "demo_shapes", 1))
+        assert method.trainable_parameters() == expected
     # 2SFS's stage 1: norm1 / norm2 of every timm block and ln_1 / ln_2 of every text block, as on ViT-B/16
     assert sum(p.numel() for m in layernorms(eva.model) for p in m.parameters()) == 61_440
-    from methods.clip_svd import singular_value_count
-
     # CLIP-SVD: every Linear of each timm block (q, k, v, proj, EVA's SwiGLU fc1_g, fc1_x, fc2: 7 x 768) and the text tower's 6 x 512
     assert singular_value_count(eva.model) == 12 * 7 * 768 + 12 * 6 * 512 == 101_376
+    # CLIP-LoRA (rank 2 on q, k, v of every block): EVA-02's separate q/k/v projections, 12 x 3 x 2 (768 + 768)
+    # in the image tower and 12 x 3 x 2 (512 + 512) in the text tower, as on OpenAI's ViT-B/16
     assert sum(p.numel() for p in add_adapters(eva.model, lora_factory())) == 184_320
-    siglip = build_architecture("ViT-B-16-SigLIP2:webli")  # fused qkv, text width 768
-    assert sum(p.numel() for p in add_adapters(siglip, lora_factory())) == 221_184
+    # SigLIP 2's own tokenizer needs `transformers` and its files; the count does not depend on it (CLIP's BPE stands in)
+    siglip = Backbone("ViT-B-16-SigLIP2:webli", build_architecture("ViT-B-16-SigLIP2:webli").eval().requires_grad_(False), 224,
+                      "random", torch.device("cpu"), preprocess_of("ViT-B-16-SigLIP2:webli", 224))
+    maple = REGISTRY["maple"]()
+    maple.build(make_task(siglip, "demo_shapes", 1))
+    assert maple.trainable_parameters() == 2 * 768 + 768 * 768 + 768 + 8 * (2 * 768 + 768 * 768 + 768) == 5_329_152
+    assert sum(p.numel() for p in add_adapters(siglip.model, lora_factory())) == 221_184  # fused qkv, text width 768
     assert capabilities("ViT-B-16") == {} and capabilities("ViT-B-16:dfn2b") == {}
 
 
