@@ -82,6 +82,13 @@ class Backbone:
         return tokens.to(self.device)
 
     @property
+    def prompt_start(self) -> int:
+        """Where a text's first word piece sits in its tokens: 1 after CLIP's start-of-text token, 0 for a
+        tokenizer that puts nothing before the text (SigLIP's). Learned context goes there."""
+        first = self.tokenize(["cat", "dog"])[:, 0]
+        return int(first[0] == first[1])
+
+    @property
     def embed_dim(self) -> int:
         projection = getattr(self.model, "text_projection", None)
         if isinstance(projection, torch.Tensor):
@@ -414,12 +421,12 @@ def text_is_causal(model) -> bool:
     return text_tower(model).attn_mask is not None
 
 
-def encode_token_embeddings(model: CLIP, x: torch.Tensor, eot_index: torch.Tensor, deep: list[torch.Tensor] = ()) -> torch.Tensor:
+def encode_token_embeddings(model: CLIP, x: torch.Tensor, eot_index: torch.Tensor, deep: list[torch.Tensor] = (), start: int = 1) -> torch.Tensor:
     """The text tower from token embeddings [B, L, W] on: positions, transformer (causal or not),
     ln_final, pooling (EOT token, or the last / first position), projection. With a causal mask L may
     stop at the longest EOT: the tokens up to EOT never see what follows them, so truncation leaves
     the features unchanged; a non-causal tower is given the whole context. Deep prompts (MaPLe,
-    PromptSRC): deep[i] [n, W] replaces positions 1..n before block i + 1.
+    PromptSRC): deep[i] [n, W] replaces the n positions from `start` (Backbone.prompt_start) before block i + 1.
     """
     tower = text_tower(model)
     length = x.shape[1]
@@ -430,7 +437,7 @@ def encode_token_embeddings(model: CLIP, x: torch.Tensor, eot_index: torch.Tenso
     for i, block in enumerate(tower.transformer.resblocks):
         if 1 <= i <= len(deep):
             p = deep[i - 1].to(x.dtype)
-            x = torch.cat([x[:, :1], p.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, 1 + p.shape[0] :]], dim=1)
+            x = torch.cat([x[:, :start], p.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, start + p.shape[0] :]], dim=1)
         x = block(x, attn_mask=mask)
     x = tower.ln_final(x)
     pool = getattr(tower, "text_pool_type", None) or getattr(tower, "pool_type", "argmax")

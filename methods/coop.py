@@ -48,7 +48,8 @@ def epochs_for_shots(shots: int) -> int:
 
 
 class PromptLearner:
-    """Learnable shared context between the fixed SOS token and the '{classname}.' suffix."""
+    """Learnable shared context between the fixed SOS token (none where the tokenizer has none: SigLIP's)
+    and the '{classname}.' suffix."""
 
     def __init__(self, task: Task, n_ctx: int, init_std: float, ctx_init: str = "", classnames: list[str] | None = None):
         model = task.backbone.model
@@ -59,11 +60,11 @@ class PromptLearner:
             tokens = tokens[:, : int(self.eot_index.max()) + 1]  # causal mask: later tokens never matter
         with torch.no_grad():
             embedding = text_tower(model).token_embedding(tokens).float()
-        self.tokens = tokens
-        self.prefix = embedding[:, :1]  # SOS
-        self.suffix = embedding[:, 1 + n_ctx :]  # class name, '.', EOS (and padding up to the longest)
+        self.tokens, self.start = tokens, task.backbone.prompt_start
+        self.prefix = embedding[:, : self.start]  # SOS
+        self.suffix = embedding[:, self.start + n_ctx :]  # class name, '.', EOS (and padding up to the longest)
         if ctx_init:  # CoOp: the context starts as the words' own token embeddings
-            self.ctx = embedding[0, 1 : 1 + n_ctx].clone().requires_grad_(True)
+            self.ctx = embedding[0, self.start : self.start + n_ctx].clone().requires_grad_(True)
         else:
             width = embedding.shape[-1]
             self.ctx = torch.empty(n_ctx, width, device=task.device).normal_(std=init_std).requires_grad_(True)

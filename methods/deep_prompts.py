@@ -9,7 +9,7 @@ forward (tested), so any difference in a run comes from the prompts alone.
   before `ln_pre`; a deep prompt for layer i replaces the last n tokens before block i; the output
   is the CLS token through `ln_post` and the projection;
 - text (any open_clip text tower, `harness.backbones.encode_token_embeddings`): a deep prompt for
-  layer i replaces the n tokens after the first before block i (the input prompt's own context
+  layer i replaces the n tokens after SOS (from the first, for a tokenizer without one) before block i (the input prompt's own context
   tokens sit there at layer 0); the output is the tower's own pooling (EOT token on CLIP's).
 
 timm image towers (EVA-02, SigLIP, PE-Core; no official counterpart, our decisions): the prompts
@@ -93,15 +93,15 @@ def _timm_vision_tower(visual, pixels, prompts, deep) -> torch.Tensor:
     return x.view(-1, b, x.shape[-1])
 
 
-def text_tower(model: CLIP, embeddings: torch.Tensor, eot_index: torch.Tensor, deep: list[torch.Tensor] = ()) -> torch.Tensor:
+def text_tower(model: CLIP, embeddings: torch.Tensor, eot_index: torch.Tensor, deep: list[torch.Tensor] = (), start: int = 1) -> torch.Tensor:
     """Unnormalised text features [B, E] of token embeddings [B, L, W] (L may stop at the longest
-    EOT on a causal tower); deep[i] [n, W] replaces positions 1..n before block i + 1."""
-    return encode_token_embeddings(model, embeddings, eot_index, list(deep))
+    EOT on a causal tower); deep[i] [n, W] replaces the n positions from `start` before block i + 1."""
+    return encode_token_embeddings(model, embeddings, eot_index, list(deep), start)
 
 
 def prompted_text_features(task, tokens, ctx: torch.Tensor, deep: list[torch.Tensor]) -> torch.Tensor:
     """L2-normalised class text features of a coop.PromptLearner's fixed tokens with the learned
     context `ctx` in place and the deep text prompts `deep` (MaPLe, PromptSRC)."""
     with task.autocast():
-        feats = text_tower(task.backbone.model, tokens.embeddings(ctx), tokens.eot_index, list(deep))
+        feats = text_tower(task.backbone.model, tokens.embeddings(ctx), tokens.eot_index, list(deep), tokens.start)
     return F.normalize(feats.float(), dim=-1)

@@ -70,7 +70,8 @@ class MultiModalPrompts(nn.Module):
             raise ValueError(f"prompt_depth {depth} exceeds the backbone's {layers} layers (--set prompt_depth={layers})")
         with torch.no_grad():
             words = text_tower(task.backbone.model).token_embedding(task.backbone.tokenize([ctx_init]))[0].float()
-        self.ctx = nn.Parameter(words[1 : 1 + n_ctx].clone())
+        start = task.backbone.prompt_start
+        self.ctx = nn.Parameter(words[start : start + n_ctx].clone())
         self.proj = nn.Linear(text_width, vision_width)
         self.compound_text = nn.ParameterList(
             [nn.Parameter(torch.empty(n_ctx, text_width).normal_(std=0.02)) for _ in range(depth - 1)]

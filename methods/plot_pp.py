@@ -144,7 +144,8 @@ class PlotPP(Method):
         self.n_ctx = len(strings[0].split())
         with torch.no_grad():
             words = text_tower_of(model).token_embedding(task.backbone.tokenize(strings)).float()  # each string alone
-        self.ctx = words[:, 1 : 1 + self.n_ctx].clone().requires_grad_(True)  # [N, n_ctx, W]
+        start = task.backbone.prompt_start
+        self.ctx = words[:, start : start + self.n_ctx].clone().requires_grad_(True)  # [N, n_ctx, W]
         vision_width = tower_widths(model)[1]
         self.ctx_vision = torch.empty(hp["n_vision_sets"], hp["n_ctx_vision"], vision_width, device=task.device)
         self.ctx_vision = self.ctx_vision.normal_(std=0.02).requires_grad_(True)

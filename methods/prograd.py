@@ -90,7 +90,8 @@ class ProGradPrompt(PromptLearner):
         with torch.no_grad():
             words = text_tower(task.backbone.model).token_embedding(task.backbone.tokenize([init_words]))[0].float()
         ctx = torch.zeros(n_ctx, words.shape[-1], device=task.device)
-        ctx[n_ctx - p :] = words[1 : 1 + p]
+        start = task.backbone.prompt_start
+        ctx[n_ctx - p :] = words[start : start + p]
         self.ctx = ctx.requires_grad_(True)
 
 

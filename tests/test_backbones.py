@@ -137,6 +137,60 @@ def test_open_clip_names_resolve_from_local_caches_only(tmp_path, capsys, monkey
     assert split_name("RN50") == ("RN50-quickgelu", None) and split_name("EVA02-B-16:merged2b_s8b_b131k") == ("EVA02-B-16", "merged2b_s8b_b131k")
 
 
+def test_learned_context_sits_where_the_tokenizer_puts_the_first_word(demo_root):
+    """CoOp's context initialised from "a photo of a" reproduces the tower's own features of "a photo of
+    a {class}." under CLIP's BPE (start token, context from position 1) and under a tokenizer that puts
+    nothing before the text (as SigLIP's: context from position 0), so no class name loses a token."""
+    import open_clip
+    import torch.nn.functional as F
+    from test_coop import make_task
+
+    from methods.coop import PromptLearner
+
+    def without_start_token(texts):
+        tokens = open_clip.tokenize(texts)
+        return torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
+
+    backbone = load_backbone("tiny_siglip")
+    for tokenizer, start in ((None, 1), (without_start_token, 0)):
+        backbone.tokenizer = tokenizer
+        assert backbone.prompt_start == start
+        task = make_task(backbone, "demo_colours", 1)
+        learner = PromptLearner(task, 4, 0.02, "a photo of a")
+        with torch.no_grad():
+            expected = backbone.model.encode_text(backbone.tokenize([f"a photo of a {c}." for c in task.classnames]))
+            torch.testing.assert_close(learner.text_features(task), F.normalize(expected, dim=-1), rtol=0, atol=1e-5)
+
+
+def test_an_open_clip_model_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    """`-b PE-Core-T-16-384:meta` resolves to the checkpoint already in the Hugging Face cache (here one
+    this test writes, random weights, laid out as huggingface_hub stores a download): the weights are
+    that file's, its identity is the tag and the file's sha256, and the preprocessing and tokenizer
+    (32 tokens) are the model's own."""
+    import hashlib
+
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    name = "PE-Core-T-16-384:meta"
+    model = build_architecture(name)
+    with torch.no_grad():
+        model.logit_scale.fill_(1.5)  # a value random initialisation does not give
+    snapshot = tmp_path / "hub" / "models--timm--PE-Core-T-16-384" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    checkpoint = snapshot / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+
+    backbone = load_backbone(name)
+    assert backbone.weights == "meta:" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
+    assert float(backbone.model.logit_scale) == 1.5 and backbone.image_size == 384
+    assert backbone.preprocess == preprocess_of(name, 384) and backbone.tokenize(["a photo"]).shape == (1, 32)
+
+
 def test_preprocessing_and_tokenizer_come_from_the_backbone(demo_root):
     assert preprocess_of("ViT-B-16-SigLIP2:webli", 224) == Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "squash")
     assert preprocess_of("RN50", 224) == Preprocess(224)  # OpenAI's: CLIP's mean and std, shorter side + centre crop
