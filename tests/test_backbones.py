@@ -191,6 +191,26 @@ def test_an_open_clip_model_loads_from_the_local_hugging_face_cache(tmp_path, mo
     assert backbone.preprocess == preprocess_of(name, 384) and backbone.tokenize(["a photo"]).shape == (1, 32)
 
 
+def test_rn50_runs_from_a_local_weights_file(tmp_path):
+    """`harness run -b RN50 --weights FILE` end to end on CoOp-layout data: zero-shot and CoOp (its text
+    prompts, the ResNet image tower at 224 px) run on the file's weights, whose identity is stored."""
+    import hashlib
+
+    from coop_layout import make_split_json
+
+    make_split_json(tmp_path, per_split=(2, 1, 2))
+    model = build_architecture("RN50")
+    ckpt = tmp_path / "rn50.pt"
+    torch.save(model.state_dict(), ckpt)
+    db = tmp_path / "rn50.duckdb"
+    assert run_cli(["run", "-m", "zero_shot,coop", "-d", "eurosat", "-b", "RN50", "--weights", str(ckpt), "--shots", "1", "--seeds", "1",
+                    "--set", "epochs=2", "--data-root", str(tmp_path), "--db", str(db)]) == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        runs = con.execute("SELECT method, backbone, status, weights FROM runs ORDER BY method").fetchall()
+    identity = "file:" + hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    assert runs == [("coop", "RN50", "ok", identity), ("zero_shot", "RN50", "ok", identity)]
+
+
 def test_preprocessing_and_tokenizer_come_from_the_backbone(demo_root):
     assert preprocess_of("ViT-B-16-SigLIP2:webli", 224) == Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "squash")
     assert preprocess_of("RN50", 224) == Preprocess(224)  # OpenAI's: CLIP's mean and std, shorter side + centre crop
