@@ -9,8 +9,8 @@ from harness.backbones import CAPABILITIES, capabilities, refusal
 FAMILIES = {
     "OpenAI ViT (B/16, B/32, L/14; tiny; open_clip ViT-B-16:dfn2b, :metaclip_fullcc)": "ViT-B-16",
     "OpenAI ResNet (RN50, RN101; tiny_rn)": "RN50",
-    "EVA-02 (timm image tower, CLIP text)": "EVA02-B-16:merged2b_s8b_b131k",
-    "SigLIP 2, PE-Core (timm image tower, non-causal text; tiny_siglip)": "ViT-B-16-SigLIP2:webli",
+    "EVA-02, PE-Core (timm image tower with a projection Linear, CLIP-style text)": "EVA02-B-16:merged2b_s8b_b131k",
+    "SigLIP, SigLIP 2 (timm image tower without projection, non-causal text; tiny_siglip)": "ViT-B-16-SigLIP2:webli",
 }
 
 

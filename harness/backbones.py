@@ -48,7 +48,7 @@ CAPABILITIES = {
     "vit_tokens": "a ViT image tower whose token sequence can take extra tokens (open_clip's, or timm's ViT or EVA)",
     "clip_vit": "CLIP's own ViT image tower (class token, ln_pre, ln_post, projection matrix) to put learned tokens into",
     "attention_blocks": "attention with q, k, v projections in both towers (open_clip's or timm's blocks, or a ResNet's attention pooling)",
-    "visual_proj": "a visual projection matrix after the image tower's pooled token",
+    "visual_proj": "a linear visual projection after the image tower's pooled token (CLIP's matrix or a timm tower's Linear)",
     "block_layernorms": "LayerNorms in every block of both towers (open_clip's or timm's)",
 }
 
@@ -151,7 +151,7 @@ def build_tiny_siglip() -> CLIP:
 TINY_CONFIGS = {  # the open_clip-style config of each test backbone, for `capabilities`
     "tiny": {"vision_cfg": {"layers": 2, "image_size": 32}, "text_cfg": {}},
     "tiny_rn": {"vision_cfg": {"layers": [1, 1, 1, 1], "image_size": 32}, "text_cfg": {}},
-    "tiny_siglip": {"custom_text": True, "vision_cfg": {"timm_model_name": "harness_tiny_vit", "image_size": 32},
+    "tiny_siglip": {"custom_text": True, "vision_cfg": {"timm_model_name": "harness_tiny_vit", "timm_proj": "none", "image_size": 32},
                     "text_cfg": {"no_causal_mask": True, "pool_type": "last"}},
 }
 TINY_BUILDERS = {"tiny": build_tiny, "tiny_rn": build_tiny_rn, "tiny_siglip": build_tiny_siglip}
@@ -209,7 +209,9 @@ def capabilities(name: str) -> dict[str, str]:
                         "block_layernorms": why + " (batch norms)"})
     elif timm:
         why = f"its image tower is timm's {vision['timm_model_name']}"
-        missing.update({"clip_vit": why, "visual_proj": why})
+        missing["clip_vit"] = why
+        if vision.get("timm_proj") not in (None, "", "linear") or vision.get("timm_pool") in ("abs_attn", "rot_attn"):
+            missing["visual_proj"] = why + f" with no linear projection after its pooling (timm_proj {vision.get('timm_proj')})"
         if not _timm_token_tower(vision["timm_model_name"]):
             missing["vit_tokens"] = why + " (neither a timm VisionTransformer nor an EVA)"
     if "text_tokens" in missing:
@@ -378,19 +380,46 @@ def load_backbone(name: str, weights: str | None = None, device: str | torch.dev
     return Backbone(name, model, size, identity, torch.device(device), preprocess_of(name, size), tokenizer_of(name))
 
 
+def _projection_slot(visual) -> tuple[torch.nn.Module, str] | None:
+    """(owner, attribute) of the image tower's final projection: CLIP's `visual.proj` matrix, or a timm
+    tower's Linear (the trunk's own head, which open_clip sizes to the embedding, or its `head.proj`)."""
+    if isinstance(getattr(visual, "proj", None), torch.Tensor):
+        return visual, "proj"
+    trunk, head = getattr(visual, "trunk", None), getattr(visual, "head", None)
+    if head is not None and isinstance(getattr(head, "proj", None), torch.nn.Linear):
+        return head, "proj"
+    if trunk is not None and isinstance(getattr(trunk, "head", None), torch.nn.Linear):
+        return trunk, "head"
+    return None
+
+
+def visual_projection(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The image tower's final projection as (W [width, D], bias [D] or None), frozen copies."""
+    slot = _projection_slot(model.visual)
+    if slot is None:
+        raise HarnessError("This backbone's image tower has no visual projection (a matrix or Linear after pooling) to adapt.")
+    proj = getattr(*slot)
+    if isinstance(proj, torch.Tensor):
+        return proj.detach().float().clone(), None
+    bias = proj.bias.detach().float().clone() if proj.bias is not None else None
+    return proj.weight.detach().float().T.clone(), bias
+
+
 @contextmanager
 def without_visual_projection(model: CLIP):
-    """`model.encode_image` returns the image tower's pooled token before CLIP's visual projection
-    (ln_post of the class token on a ViT: 768-d on ViT-B/16) while inside, for methods that learn
-    that projection (ProLIP)."""
-    proj = getattr(model.visual, "proj", None)
-    if proj is None:
-        raise HarnessError("This backbone's image tower has no visual projection matrix (`visual.proj`) to adapt.")
-    model.visual.proj = None
+    """`model.encode_image` returns the image tower's pooled token before its final projection (ln_post
+    of the class token on a ViT: 768-d on ViT-B/16; a timm tower's pooled, normed token) while
+    inside, for methods that learn that projection (ProLIP)."""
+    slot = _projection_slot(model.visual)
+    if slot is None:
+        raise HarnessError("This backbone's image tower has no visual projection (a matrix or Linear after pooling) to adapt.")
+    owner, name = slot
+    proj = getattr(owner, name)
+    setattr(owner, name, None if isinstance(proj, torch.Tensor) else torch.nn.Identity())
     try:
         yield model
     finally:
-        model.visual.proj = proj
+        setattr(owner, name, proj)
 
 
 def text_tower(model):

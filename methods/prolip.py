@@ -21,7 +21,9 @@ Cornucopia", WACV 2026 (arXiv 2410.05270). Follows astra-vision/ProLIP@b43e795 (
 Deviations: W trained in fp32 (official: the fp16 checkpoint's own fp16 tensor, hence its eps);
 views from the harness's shared bank (its own crop stream; the official code saves 300 views per
 image, which the demo suite lowers); the harness's CoOp subsets and seeds 1-3 (official: 10 seeds
-of its own random draws). ViT backbones only (the RN `attnpool.c_proj` variant is not built).
+of its own random draws). ViT backbones only (the RN `attnpool.c_proj` variant is not built). On a
+timm image tower whose projection is a Linear (EVA-02, PE-Core; no official counterpart) W is that
+Linear's weight, transposed, and its bias stays frozen; SigLIP's towers have no projection: refused.
 """
 
 from __future__ import annotations
@@ -29,20 +31,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from harness.backbones import visual_projection
 from harness.cards import get_card
 from methods.base import FiniteGuard, ImageSet, Method, Task, register
 from methods.feature_bank import augmented_views
 from methods.hparams import Param
 
 
-def prolip_logits(pre_features: torch.Tensor, projection: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """100 cos(x W, t) for pre-projection features x [B, width], W [width, D], normalised text t [C, D]."""
-    return 100.0 * F.normalize(pre_features @ projection, dim=-1) @ text.T
+def prolip_logits(pre_features: torch.Tensor, projection: torch.Tensor, text: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """100 cos(x W (+ b), t) for pre-projection features x [B, width], W [width, D], normalised text t [C, D]
+    (b: the frozen bias of a timm tower's projection Linear)."""
+    projected = pre_features @ projection
+    return 100.0 * F.normalize(projected if bias is None else projected + bias, dim=-1) @ text.T
 
 
-def prolip_loss(pre_features, labels, projection, initial, text, lam: float) -> torch.Tensor:
+def prolip_loss(pre_features, labels, projection, initial, text, lam: float, bias=None) -> torch.Tensor:
     """CE + lambda * ||W - W0||^2 (summed squares, as MSELoss(reduction='sum'))."""
-    return F.cross_entropy(prolip_logits(pre_features, projection, text), labels) + lam * (projection - initial).pow(2).sum()
+    return F.cross_entropy(prolip_logits(pre_features, projection, text, bias), labels) + lam * (projection - initial).pow(2).sum()
 
 
 @register
@@ -54,7 +59,8 @@ class ProLIP(Method):
     source = "astra-vision/ProLIP@b43e795cbf0b (methods/ProLIP.py, validation-free config lr 1e-5, lambda 1/N)"
     deviations = (
         "projection trained in fp32 (official: fp16 tensor); views from the harness's shared bank; CoOp subsets and "
-        "seeds 1-3 (official: 10 seeds of its own draws); ViT backbones only"
+        "seeds 1-3 (official: 10 seeds of its own draws); ViT backbones only; on a timm tower's projection Linear (EVA-02, "
+        "PE-Core; no official counterpart) its weight is W and its bias stays frozen"
     )
     open_vocabulary = True
     defaults = {
@@ -77,7 +83,7 @@ class ProLIP(Method):
     def fit(self, task: Task) -> None:
         hp = self.hp
         self.text = task.text_classifier(task.card.ensemble)  # [C, D], normalised
-        self.initial = task.backbone.model.visual.proj.detach().float().clone()  # W0 [width, D]
+        self.initial, self.bias = visual_projection(task.backbone.model)  # W0 [width, D]; a timm Linear's bias, frozen
         self.lam = hp["lam"] if hp["lam"] is not None else 1.0 / task.shots
         views = augmented_views(task, hp["augment_views"], tuple(hp["crop_scale"]), pre_projection=True)  # [V, N, width]
         labels = task.train.labels.to(task.device)
@@ -86,7 +92,7 @@ class ProLIP(Method):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, hp["iterations"])
         guard, steps = FiniteGuard(), task.start_steps(hp["iterations"], "prolip iterations")
         for it in range(hp["iterations"]):
-            loss = prolip_loss(views[(it + 1) % len(views)], labels, projection, self.initial, self.text, self.lam)
+            loss = prolip_loss(views[(it + 1) % len(views)], labels, projection, self.initial, self.text, self.lam, self.bias)
             guard.update(loss, it)
             optimizer.zero_grad()
             loss.backward()
@@ -103,7 +109,7 @@ class ProLIP(Method):
         else:
             card = get_card(images.dataset) if images.dataset != task.card.name else task.card
             text = task.text_classifier(card.ensemble, classnames=classnames)
-        return prolip_logits(task.frozen_features(images, pre_projection=True), self.projection, text)
+        return prolip_logits(task.frozen_features(images, pre_projection=True), self.projection, text, self.bias)
 
     def trainable_parameters(self) -> int:
         return self.projection.numel() if hasattr(self, "projection") else 0

@@ -3,6 +3,8 @@ backbone's own preprocessing and tokenizer, and which method runs on which famil
 run, with why). The families run at test size: `tiny_rn` (ResNet) and `tiny_siglip` (timm ViT with
 attention pooling, non-causal text)."""
 
+import functools
+
 import duckdb
 import pytest
 import torch
@@ -88,7 +90,7 @@ def test_prompted_image_towers_equal_the_backbone_without_prompts(name):
     identity): swapping two of them leaves the features unchanged."""
     from methods.deep_prompts import vision_tower
 
-    model = load_backbone(name).model if name.startswith("tiny") else build_architecture(name).eval()
+    model = load_backbone(name).model if name.startswith("tiny") else random_architecture(name)
     size = 32 if name.startswith("tiny") else 224
     width = 64 if name.startswith("tiny") else 768
     pixels = torch.rand(2, 3, size, size) * 2 - 1
@@ -234,6 +236,34 @@ def test_rn50_is_openais_architecture():
     assert shapes["visual.conv1.weight"] == (32, 3, 3, 3) and shapes["visual.attnpool.positional_embedding"] == (50, 2048)
     assert shapes["visual.attnpool.c_proj.weight"] == (1024, 2048) and shapes["text_projection"] == (512, 1024)
     assert sum(p.numel() for p in build_architecture("RN101").parameters()) == 119_688_033
+
+
+@functools.lru_cache(maxsize=2)
+def random_architecture(name):
+    """A real-size architecture with random weights, built once per test module (read-only use)."""
+    return build_architecture(name).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("name", ["tiny", "EVA02-B-16:merged2b_s8b_b131k", "PE-Core-B-16:meta"])
+def test_prolip_learns_the_projection_each_tower_applies(name):
+    """ProLIP's W (and a timm Linear's frozen bias) applied to the pre-projection features gives the
+    backbone's own image features: CLIP's visual.proj, EVA-02's and PE-Core's trunk heads. SigLIP's
+    towers have no projection and are refused."""
+    from harness.backbones import visual_projection, without_visual_projection
+
+    model = load_backbone(name).model if name == "tiny" else random_architecture(name)
+    size = 32 if name == "tiny" else 224
+    pixels = torch.rand(2, 3, size, size) * 2 - 1
+    weight, bias = visual_projection(model)
+    with torch.no_grad():
+        with without_visual_projection(model):
+            pre = model.encode_image(pixels)
+        plain = model.encode_image(pixels)
+    assert pre.shape[-1] == weight.shape[0] and weight.shape[1] == plain.shape[-1] and (bias is None) == (name == "tiny")
+    projected = pre @ weight + (bias if bias is not None else 0)
+    torch.testing.assert_close(projected, plain, rtol=1e-4, atol=1e-5 * plain.abs().max())
+    assert refusal(REGISTRY["prolip"], name) is None
+    assert "no linear projection after its pooling" in refusal(REGISTRY["prolip"], "ViT-B-16-SigLIP2:webli")
 
 
 def test_real_size_trainable_counts_and_refusals(demo_root):
