@@ -1,7 +1,8 @@
 """CLIP backbones through open_clip: OpenAI's ViT-B/16, ViT-B/32, ViT-L/14, RN50 and RN101
 (QuickGELU), any open_clip model with a pretrained tag (`ViT-B-16-SigLIP2:webli`, `EVA02-B-16:...`),
-and the small `tiny` (ViT), `tiny_rn` (ResNet) and `tiny_siglip` (timm ViT with attention pooling,
-non-causal last-token text tower, logit bias, squash resize and 0.5 mean / std) test backbones.
+and the small `tiny` (ViT), `tiny_rn` (ResNet), `tiny_siglip` (timm ViT with attention pooling,
+non-causal last-token text tower, logit bias, squash resize and 0.5 mean / std) and `tiny_eva` (timm
+EVA with rotary positions, CLIP's text tower apart; random weights only) test backbones.
 
 Real weights come from a local file (`--weights`: an OpenAI TorchScript `.pt` or an open_clip
 checkpoint) or from the open_clip / Hugging Face caches. Nothing is ever downloaded: with neither,
@@ -37,7 +38,7 @@ from harness.paths import atomic_write_text, cache_dir
 
 OPENAI_ARCH = {"ViT-B-16": "ViT-B-16-quickgelu", "ViT-B-32": "ViT-B-32-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu",
                "RN50": "RN50-quickgelu", "RN101": "RN101-quickgelu"}
-TINY = ("tiny", "tiny_rn", "tiny_siglip")
+TINY = ("tiny", "tiny_rn", "tiny_siglip", "tiny_eva")
 BACKBONES = (*OPENAI_ARCH, *TINY)  # by name; any open_clip `MODEL:TAG` besides
 TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny_demo.safetensors"
 
@@ -122,20 +123,35 @@ def build_tiny_rn() -> CLIP:
         )
 
 
+def register_tiny_timm_towers() -> None:
+    """The test backbones' timm image towers, registered with timm's factory as open_clip expects:
+    `harness_tiny_vit` (a VisionTransformer) and `harness_tiny_eva` (EVA-02's structure: separate q/k/v,
+    SwiGLU MLP with its scale norm, sub-LN in attention, rotary positions)."""
+    from timm.models import is_model, register_model
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    def own(kwargs):  # open_clip passes timm's factory arguments the bare classes do not take
+        return {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+
+    if not is_model("harness_tiny_vit"):
+        @register_model
+        def harness_tiny_vit(pretrained=False, **kwargs):  # noqa: ARG001 - timm's factory signature
+            return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, **own(kwargs))
+
+        @register_model
+        def harness_tiny_eva(pretrained=False, **kwargs):  # noqa: ARG001
+            return Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, qkv_fused=False, mlp_ratio=4 * 2 / 3,
+                       swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4), **own(kwargs))
+
+
 def build_tiny_siglip() -> CLIP:
     """A small SigLIP-style CLIP with seeded random weights: a timm ViT image tower with attention
     (MAP) pooling, a non-causal text tower pooled at its last token, a learned logit bias (SigLIP 2's
     structure at test size; CLIP's BPE tokenizer stands in for SigLIP's, which is not available offline)."""
     from open_clip.model import CustomTextCLIP
-    from timm.models import is_model, register_model
-    from timm.models.vision_transformer import VisionTransformer
 
-    if not is_model("harness_tiny_vit"):
-        @register_model
-        def harness_tiny_vit(pretrained=False, **kwargs):  # noqa: ARG001 - timm's factory signature
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
-            return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, **kwargs)
-
+    register_tiny_timm_towers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return CustomTextCLIP(
@@ -148,13 +164,32 @@ def build_tiny_siglip() -> CLIP:
         )
 
 
+def build_tiny_eva() -> CLIP:
+    """A small EVA-02-style CLIP with seeded random weights (no demo weights: for tests): a timm EVA image
+    tower (rotary positions, class token, the trunk's Linear head as projection) and CLIP's causal text
+    tower as open_clip's separate TextTransformer, as EVA02-B-16 is built."""
+    from open_clip.model import CustomTextCLIP
+
+    register_tiny_timm_towers()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return CustomTextCLIP(
+            embed_dim=64,
+            vision_cfg=CLIPVisionCfg(timm_model_name="harness_tiny_eva", timm_model_pretrained=False, timm_pool="token",
+                                     timm_proj=None, image_size=32),
+            text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+        )
+
+
 TINY_CONFIGS = {  # the open_clip-style config of each test backbone, for `capabilities`
     "tiny": {"vision_cfg": {"layers": 2, "image_size": 32}, "text_cfg": {}},
     "tiny_rn": {"vision_cfg": {"layers": [1, 1, 1, 1], "image_size": 32}, "text_cfg": {}},
     "tiny_siglip": {"custom_text": True, "vision_cfg": {"timm_model_name": "harness_tiny_vit", "timm_proj": "none", "image_size": 32},
                     "text_cfg": {"no_causal_mask": True, "pool_type": "last"}},
+    "tiny_eva": {"custom_text": True, "vision_cfg": {"timm_model_name": "harness_tiny_eva", "timm_proj": None, "image_size": 32},
+                 "text_cfg": {}},
 }
-TINY_BUILDERS = {"tiny": build_tiny, "tiny_rn": build_tiny_rn, "tiny_siglip": build_tiny_siglip}
+TINY_BUILDERS = {"tiny": build_tiny, "tiny_rn": build_tiny_rn, "tiny_siglip": build_tiny_siglip, "tiny_eva": build_tiny_eva}
 TINY_PREPROCESS = {"tiny_siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "squash")}
 
 
@@ -222,10 +257,10 @@ def capabilities(name: str) -> dict[str, str]:
 
 def _timm_token_tower(timm_name: str) -> bool:
     """timm's VisionTransformer and EVA (EVA-02, PE-Core) trunks, whose token sequence
-    methods/deep_prompts.py extends; `harness_tiny_vit` (tiny_siglip's) is a VisionTransformer."""
+    methods/deep_prompts.py extends (the test backbones' `harness_tiny_vit` and `harness_tiny_eva` are those)."""
     from timm.models import is_model_in_modules
 
-    return timm_name == "harness_tiny_vit" or is_model_in_modules(timm_name, ["vision_transformer", "eva"])
+    return timm_name in ("harness_tiny_vit", "harness_tiny_eva") or is_model_in_modules(timm_name, ["vision_transformer", "eva"])
 
 
 def refusal(method_cls, name: str) -> str | None:

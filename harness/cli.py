@@ -244,7 +244,8 @@ def list_(
 
 
 TINY_ARCH = {"tiny": "small ViT CLIP (2+2 layers, width 64)", "tiny_rn": "small ResNet CLIP (attention pooling; 2-layer text)",
-             "tiny_siglip": "small SigLIP-style CLIP (timm ViT, MAP pooling; non-causal text, logit bias)"}
+             "tiny_siglip": "small SigLIP-style CLIP (timm ViT, MAP pooling; non-causal text, logit bias)",
+             "tiny_eva": "small EVA-02-style CLIP (timm EVA, rotary positions; CLIP text apart; tests only)"}
 
 
 def protocols_of(cls) -> str:

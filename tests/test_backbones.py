@@ -1,7 +1,8 @@
 """Backbones beyond OpenAI's ViTs: RN50 / RN101, any open_clip MODEL:TAG from local caches only, each
 backbone's own preprocessing and tokenizer, and which method runs on which family (refused before any
-run, with why). The families run at test size: `tiny_rn` (ResNet) and `tiny_siglip` (timm ViT with
-attention pooling, non-causal text)."""
+run, with why). The families run at test size: `tiny_rn` (ResNet), `tiny_siglip` (timm ViT with
+attention pooling, non-causal text) and `tiny_eva` (timm EVA with rotary positions, CLIP's text tower
+apart, random weights); real-size architectures with random weights where the sizes matter."""
 
 import functools
 
@@ -33,7 +34,8 @@ VISION_PROMPTS = {"maple", "plot_pp", "promptsrc"}
 
 
 @pytest.mark.parametrize("backbone,expected", [("tiny_rn", FROZEN_FEATURE | TEXT_PROMPTS | LORA_FAMILY),
-                                              ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS | LORA_FAMILY | VISION_PROMPTS | {"two_sfs"})])
+                                              ("tiny_siglip", FROZEN_FEATURE | TEXT_PROMPTS | LORA_FAMILY | VISION_PROMPTS | {"two_sfs"}),
+                                              ("tiny_eva", set(REGISTRY) - {"mmrl"})])
 def test_each_family_runs_exactly_what_it_declares(tmp_path, capsys, demo_root, backbone, expected):
     db = tmp_path / f"{backbone}.duckdb"
     assert run_cli(["run", "--suite", "demo", "-b", backbone, "--all-methods", "-d", "demo_colours", "--shots", "2", "--seeds", "1",
@@ -105,7 +107,7 @@ def test_prompted_image_towers_equal_the_backbone_without_prompts(name):
         torch.testing.assert_close(swapped, prompted, rtol=1e-4, atol=1e-4 * plain.abs().max())
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_rn", "tiny_siglip"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_rn", "tiny_siglip", "tiny_eva"])
 def test_prompts_enter_every_text_tower_exactly(name):
     """The prompt learners' path (token embeddings in, the tower's own mask, pooling and projection)
     equals open_clip's encode_text on CLIP's causal tower (truncated at EOT) and on a non-causal,
