@@ -145,40 +145,35 @@ def register_tiny_timm_towers() -> None:
                        swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4), **own(kwargs))
 
 
-def build_tiny_siglip() -> CLIP:
-    """A small SigLIP-style CLIP with seeded random weights: a timm ViT image tower with attention
-    (MAP) pooling, a non-causal text tower pooled at its last token, a learned logit bias (SigLIP 2's
-    structure at test size; CLIP's BPE tokenizer stands in for SigLIP's, which is not available offline)."""
+def _tiny_timm_clip(vision_cfg: CLIPVisionCfg, text_cfg: CLIPTextCfg, **extra) -> CLIP:
+    """open_clip's CustomTextCLIP around one of the tiny timm towers, with seeded random weights."""
     from open_clip.model import CustomTextCLIP
 
     register_tiny_timm_towers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return CustomTextCLIP(
-            embed_dim=64,
-            vision_cfg=CLIPVisionCfg(timm_model_name="harness_tiny_vit", timm_model_pretrained=False, timm_pool="map",
-                                     timm_proj="none", image_size=32),
-            text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2, no_causal_mask=True,
-                                 pool_type="last", proj_bias=True),
-            init_logit_bias=-10.0,
-        )
+        return CustomTextCLIP(embed_dim=64, vision_cfg=vision_cfg, text_cfg=text_cfg, **extra)
+
+
+def build_tiny_siglip() -> CLIP:
+    """A small SigLIP-style CLIP with seeded random weights: a timm ViT image tower with attention
+    (MAP) pooling, a non-causal text tower pooled at its last token, a learned logit bias (SigLIP 2's
+    structure at test size; CLIP's BPE tokenizer stands in for SigLIP's, which is not available offline)."""
+    return _tiny_timm_clip(
+        CLIPVisionCfg(timm_model_name="harness_tiny_vit", timm_model_pretrained=False, timm_pool="map", timm_proj="none", image_size=32),
+        CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2, no_causal_mask=True, pool_type="last", proj_bias=True),
+        init_logit_bias=-10.0,
+    )
 
 
 def build_tiny_eva() -> CLIP:
     """A small EVA-02-style CLIP with seeded random weights (no demo weights: for tests): a timm EVA image
     tower (rotary positions, class token, the trunk's Linear head as projection) and CLIP's causal text
     tower as open_clip's separate TextTransformer, as EVA02-B-16 is built."""
-    from open_clip.model import CustomTextCLIP
-
-    register_tiny_timm_towers()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return CustomTextCLIP(
-            embed_dim=64,
-            vision_cfg=CLIPVisionCfg(timm_model_name="harness_tiny_eva", timm_model_pretrained=False, timm_pool="token",
-                                     timm_proj=None, image_size=32),
-            text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
-        )
+    return _tiny_timm_clip(
+        CLIPVisionCfg(timm_model_name="harness_tiny_eva", timm_model_pretrained=False, timm_pool="token", timm_proj=None, image_size=32),
+        CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+    )
 
 
 TINY_CONFIGS = {  # the open_clip-style config of each test backbone, for `capabilities`
