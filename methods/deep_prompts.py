@@ -93,15 +93,9 @@ def _timm_vision_tower(visual, pixels, prompts, deep) -> torch.Tensor:
     return x.view(-1, b, x.shape[-1])
 
 
-def text_tower(model: CLIP, embeddings: torch.Tensor, eot_index: torch.Tensor, deep: list[torch.Tensor] = (), start: int = 1) -> torch.Tensor:
-    """Unnormalised text features [B, E] of token embeddings [B, L, W] (L may stop at the longest
-    EOT on a causal tower); deep[i] [n, W] replaces the n positions from `start` before block i + 1."""
-    return encode_token_embeddings(model, embeddings, eot_index, list(deep), start)
-
-
 def prompted_text_features(task, tokens, ctx: torch.Tensor, deep: list[torch.Tensor]) -> torch.Tensor:
     """L2-normalised class text features of a coop.PromptLearner's fixed tokens with the learned
     context `ctx` in place and the deep text prompts `deep` (MaPLe, PromptSRC)."""
     with task.autocast():
-        feats = text_tower(task.backbone.model, tokens.embeddings(ctx), tokens.eot_index, list(deep), tokens.start)
+        feats = encode_token_embeddings(task.backbone.model, tokens.embeddings(ctx), tokens.eot_index, list(deep), tokens.start)
     return F.normalize(feats.float(), dim=-1)

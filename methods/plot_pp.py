@@ -42,14 +42,14 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import text_tower as text_tower_of
+from harness.backbones import encode_token_embeddings, text_tower
 from harness.cards import DatasetCard
 
 from methods import dassl_loop
 from methods.base import ImageSet, Method, Task, register
 from methods.coop import PromptLearner
 from methods.dassl_loop import DASSL_DEFAULTS, DASSL_SCHEMA
-from methods.deep_prompts import text_tower, vision_tower
+from methods.deep_prompts import vision_tower
 from methods.hparams import Param
 from methods.maple import tower_widths
 
@@ -143,7 +143,7 @@ class PlotPP(Method):
         strings = self.strings(task)
         self.n_ctx = len(strings[0].split())
         with torch.no_grad():
-            words = text_tower_of(model).token_embedding(task.backbone.tokenize(strings)).float()  # each string alone
+            words = text_tower(model).token_embedding(task.backbone.tokenize(strings)).float()  # each string alone
         start = task.backbone.prompt_start
         self.ctx = words[:, start : start + self.n_ctx].clone().requires_grad_(True)  # [N, n_ctx, W]
         vision_width = tower_widths(model)[1]
@@ -188,7 +188,7 @@ class PlotPP(Method):
         for ctx, t in zip(self.ctx, tokens):
             emb = torch.cat([t.prefix, ctx.unsqueeze(0).expand(t.prefix.shape[0], -1, -1), t.suffix], dim=1)
             with task.autocast():
-                out.append(text_tower(task.backbone.model, emb, t.eot_index).float())
+                out.append(encode_token_embeddings(task.backbone.model, emb, t.eot_index).float())
         return torch.stack(out)
 
     def image_features(self, task: Task, pixels: torch.Tensor) -> torch.Tensor:

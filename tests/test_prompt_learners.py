@@ -13,11 +13,11 @@ from runs import block_inputs, run_method
 from test_coop import make_task
 from typer.testing import CliRunner
 
-from harness.backbones import Backbone, build_architecture, encode_text
+from harness.backbones import Backbone, build_architecture, encode_text, encode_token_embeddings
 from harness.cli import app
 from methods import REGISTRY
 from methods.cocoop import conditional_text_features
-from methods.deep_prompts import text_tower, vision_tower
+from methods.deep_prompts import vision_tower
 from methods.plot_pp import sinkhorn
 from methods.prograd import project_conflicting
 
@@ -36,8 +36,8 @@ def test_towers_without_prompts_are_clips_own(tiny):
     torch.testing.assert_close(vision_tower(tiny.model, pixels)[0], tiny.model.encode_image(pixels), rtol=0, atol=1e-6)
     tokens = tiny.tokenize(["a photo of a cat.", "a dog"])
     eot = tokens.argmax(-1)
-    ours = text_tower(tiny.model, tiny.model.token_embedding(tokens[:, : int(eot.max()) + 1]), eot)
-    torch.testing.assert_close(ours, encode_text(tiny.model, tokens), rtol=0, atol=1e-5)
+    ours = encode_token_embeddings(tiny.model, tiny.model.token_embedding(tokens[:, : int(eot.max()) + 1]), eot)
+    torch.testing.assert_close(ours, tiny.model.encode_text(tokens), rtol=0, atol=1e-5)
 
 
 def test_cocoop_context_changes_with_the_image_and_batching_is_exact(tiny, demo_root):
