@@ -270,7 +270,7 @@ def test_prolip_learns_the_projection_each_tower_applies(name):
 
 def test_real_size_trainable_counts_and_refusals(demo_root):
     """Tested trainable-parameter counts at real size (random weights). CoOp: 16 x 512 = 8,192 on RN50
-    and EVA-02 B/16. CLIP-LoRA: 184,320 on EVA-02 B/16, 221,184 on SigLIP 2 B/16, 98,304 on RN50 (its
+    and EVA-02 B/16, 16 x 768 = 12,288 on SigLIP 2 B/16. CLIP-LoRA: 184,320 on EVA-02 B/16, 221,184 on SigLIP 2 B/16, 98,304 on RN50 (its
     attention pooling and the text tower). MaPLe: 3,555,072 on EVA-02 B/16 (as on ViT-B/16), 5,329,152
     on SigLIP 2 B/16 (text width 768); refused on RN50. 2SFS's LayerNorms 61,440 and CLIP-SVD's 101,376
     singular values on EVA-02 B/16, CLIP-SVD 44,032 on RN50."""
@@ -309,8 +309,11 @@ def test_real_size_trainable_counts_and_refusals(demo_root):
     # SigLIP 2's own tokenizer needs `transformers` and its files; the count does not depend on it (CLIP's BPE stands in)
     siglip = Backbone("ViT-B-16-SigLIP2:webli", build_architecture("ViT-B-16-SigLIP2:webli").eval().requires_grad_(False), 224,
                       "random", torch.device("cpu"), preprocess_of("ViT-B-16-SigLIP2:webli", 224))
-    maple = REGISTRY["maple"]()
-    maple.build(make_task(siglip, "demo_shapes", 1))
+    siglip_task = make_task(siglip, "demo_shapes", 1)
+    coop, maple = REGISTRY["coop"](), REGISTRY["maple"]()
+    coop.build(siglip_task)
+    maple.build(siglip_task)
+    assert coop.trainable_parameters() == 16 * 768 == 12_288
     assert maple.trainable_parameters() == 2 * 768 + 768 * 768 + 768 + 8 * (2 * 768 + 768 * 768 + 768) == 5_329_152
     assert sum(p.numel() for p in add_adapters(siglip.model, lora_factory())) == 221_184  # fused qkv, text width 768
     assert capabilities("ViT-B-16") == {} and capabilities("ViT-B-16:dfn2b") == {}
