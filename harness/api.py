@@ -82,7 +82,7 @@ def run(
     evaluation = get_protocol(protocol)
     if recipe is not None:
         get_protocol(recipe)  # an unknown recipe is refused by name
-    names = evaluation.datasets(suite, [c.name for c in suite_cards(suite)] if all_datasets else list(datasets or []))
+    names = evaluation.datasets(suite, [] if all_datasets else list(datasets or []), all_datasets)
     if not names:
         raise HarnessError(f"Name a dataset with -d/--dataset NAME or pass --all-datasets (suite '{suite}').")
     names = list(dict.fromkeys(get_card(n).name for n in names))  # `oxford-pets` is oxford_pets

@@ -38,7 +38,7 @@ def run(
     all_methods: bool = typer.Option(False, "--all-methods", help="Every registered method."),
     method_path: Optional[list[Path]] = typer.Option(None, "--method-path", help="A .py file that registers a method (see README \"Add your method\"), repeatable."),
     dataset: Optional[list[str]] = typer.Option(None, "-d", "--dataset", help="Dataset name(s), comma-separated."),
-    all_datasets: bool = typer.Option(False, "--all-datasets", help="Every dataset of the suite."),
+    all_datasets: bool = typer.Option(False, "--all-datasets", help="Every dataset of the suite (cross_dataset, domain_shift: their source)."),
     suite: str = typer.Option("standard", help="standard (the 11 CoOp datasets) or demo (generated)."),
     shots: Optional[str] = typer.Option(None, help="Shot counts (default 1,2,4,8,16; the protocol's own (16) for the others)."),
     seeds: str = typer.Option("1,2,3", help="Seeds."),

@@ -43,16 +43,23 @@ class Protocol:
     recipes: dict = field(default_factory=dict)  # method -> hyper-parameters for this protocol
     recipe_source: str = ""
 
-    def datasets(self, suite: str, requested: list[str]) -> list[str]:
-        """The datasets runs train on: the requested ones; else the protocol's source, or for
-        base2new every dataset of the suite (fewshot asks the user to name them)."""
-        if requested or self.name == "fewshot":
-            return requested
-        if not self.source:
-            return [c.name for c in suite_cards(suite)]
-        if suite not in self.source:
+    def datasets(self, suite: str, requested: list[str], all_datasets: bool = False) -> list[str]:
+        """The datasets runs train on. Named ones (`-d`) where the protocol allows them: any source for
+        cross-dataset transfer, only the source for domain shift (its targets are that dataset's
+        shifted versions). `--all-datasets`, or none named: every dataset of the suite where the
+        protocol trains on each (fewshot, base2new), else the protocol's source; fewshot asks for a name."""
+        if self.source and suite not in self.source:
             raise HarnessError(f"--protocol {self.name} has no source dataset for the {suite} suite.")
-        return [self.source[suite]]
+        if requested:
+            others = [n for n in requested if get_card(n).name != self.source.get(suite, get_card(n).name)]
+            if others and isinstance(self.targets, dict):
+                raise HarnessError(
+                    f"--protocol {self.name} trains on {self.source[suite]} only: its targets are that dataset's shifted "
+                    f"versions, not {', '.join(others)}'s. Drop -d/--dataset (the source is used).")
+            return requested
+        if self.source:
+            return [self.source[suite]]
+        return [c.name for c in suite_cards(suite)] if all_datasets or self.name != "fewshot" else []
 
     def targets_for(self, dataset: str, suite: str) -> list[Target]:
         if self.targets == "self":

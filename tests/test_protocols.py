@@ -139,6 +139,21 @@ def test_domain_shift_restricts_a_and_r_to_their_classes(tmp_path, capsys):
     assert "imagenet_a" in err and "gold fish" in err and not (tmp_path / "other.duckdb").exists()
 
 
+def test_sourced_protocols_train_on_their_source(tmp_path, capsys):
+    """--all-datasets means the protocol's datasets: the source for cross-dataset and domain shift (not
+    every dataset as a source); a domain-shift run on another dataset would score it on the source's
+    shifted versions, and is refused before any run; -d X is X as a cross-dataset source."""
+    protocol = get_protocol("domain_shift")
+    assert protocol.datasets("demo", [], all_datasets=True) == ["demo_shapes"]
+    assert get_protocol("cross_dataset").datasets("demo", [], all_datasets=True) == ["demo_shapes"]
+    assert get_protocol("cross_dataset").datasets("demo", ["demo_colours"]) == ["demo_colours"]
+    assert get_protocol("base2new").datasets("demo", [], all_datasets=True) == ["demo_colours", "demo_shapes", "demo_textures"]
+    db = tmp_path / "d.duckdb"
+    assert run_cli(["run", "--suite", "demo", "-m", "zero_shot", "--protocol", "domain_shift", "-d", "demo_colours", "--db", str(db)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "trains on demo_shapes only" in err and "not demo_colours's" in err and not db.exists()
+
+
 def test_cross_dataset_from_the_demo_source(tmp_path):
     db = tmp_path / "d.duckdb"
     assert run_cli(["run", "--suite", "demo", "-m", "zero_shot", "--protocol", "cross_dataset", "--seeds", "1", "--db", str(db)]) == 0
