@@ -12,6 +12,8 @@ and print. Bad input raises `HarnessError` with the message the command line pri
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import pandas as pd
@@ -214,8 +216,29 @@ def ingest_own_records(db_path: Path) -> int:
     folder = default_records_dir(db_path)
     if not (folder.is_dir() and any(folder.glob("*.json"))):
         return 0
+    state = _ingest_state(folder, db_path)
+    if state in _TAKEN:  # nothing changed since this process last took them (the CLI's note, then the API)
+        return _TAKEN[state]
     db_id = database_id(db_path, create=False) or "none"  # a database from before identities owns no record
-    return ingest_records(folder, db_path, db_id).foreign
+    left = ingest_records(folder, db_path, db_id).foreign
+    _TAKEN[_ingest_state(folder, db_path)] = left
+    return left
+
+
+_TAKEN: dict[tuple, int] = {}
+
+
+def _ingest_state(folder: Path, db_path: Path) -> tuple:
+    """What an ingest depends on: each record file (name, size, mtime: one stat each, no parsing) and
+    the database file."""
+    db = Path(db_path)
+    files = []
+    for path in sorted(folder.glob("*.json")):
+        with contextlib.suppress(FileNotFoundError):  # moved away (a conflict) meanwhile
+            stat = path.stat()
+            files.append((path.name, stat.st_size, stat.st_mtime_ns))
+    db_stat = db.stat() if db.is_file() else None
+    return str(folder.resolve()), tuple(files), str(db.resolve()), db_stat and (db_stat.st_size, db_stat.st_mtime_ns)
 
 
 def refuse_inapplicable(methods: list[str], backbones: list[str], all_methods: bool, console: Console) -> None:

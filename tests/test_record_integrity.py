@@ -124,6 +124,31 @@ def test_a_database_takes_only_its_own_records(tmp_path, capsys, real_record):
     assert len(_rows(b)) == 2
 
 
+def test_a_command_reads_the_records_once_and_a_later_record_is_taken(tmp_path, monkeypatch, real_record):
+    """`harness compare` takes the database's records for its note and again through the API: the folder
+    is parsed once while nothing changed (compare, then report); a record written afterwards is taken
+    by the next call, and an unchanged folder is not parsed again."""
+    import harness.records as records_module
+    from harness import api
+    from harness.grid import config_hash_of
+
+    scans = []
+    real_scan = records_module.scan_records
+    monkeypatch.setattr(records_module, "scan_records", lambda folder: scans.append(folder) or real_scan(folder))
+    db = tmp_path / "a.duckdb"
+    records = tmp_path / "records"
+    write_record_file(records, {**real_record, "db_id": database_id(db)})
+    run_cli(["compare", "zero_shot", "tip_adapter", "--db", str(db)])  # (nothing to pair: the records are read all the same)
+    assert len(scans) == 1 and [r[1] for r in _rows(db)] == [real_record["run_id"]]
+    assert run_cli(["report", "--db", str(db), "--out", str(tmp_path / "out")]) == 0
+    assert len(scans) == 1
+    later = {**real_record, "config": {**real_record["config"], "seed": 2}, "seed": 2, "run_id": "d" * 32, "db_id": database_id(db)}
+    later["config_hash"] = config_hash_of(later["config"])
+    write_record_file(records, later)
+    assert len(api.results(db)) == 2 and len(scans) == 2
+    assert len(api.results(db)) == 2 and len(scans) == 2  # unchanged: not parsed again
+
+
 TAMPER = '''
 import os
 
