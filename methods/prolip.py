@@ -21,7 +21,7 @@ Cornucopia", WACV 2026 (arXiv 2410.05270). Follows astra-vision/ProLIP@b43e795 (
 Deviations: W trained in fp32 (official: the fp16 checkpoint's own fp16 tensor, hence its eps);
 views from the harness's shared bank (its own crop stream; the official code saves 300 views per
 image, which the demo suite lowers); the harness's CoOp subsets and seeds 1-3 (official: 10 seeds
-of its own random draws). ViT backbones only (the RN `attnpool.c_proj` variant is not built). On a
+of its own random draws). Not on ResNets (the RN `attnpool.c_proj` variant is not built). On a
 timm image tower whose projection is a Linear (EVA-02, PE-Core; no official counterpart) W is that
 Linear's weight, transposed, and its bias stays frozen; SigLIP's towers have no projection: refused.
 """
@@ -59,7 +59,7 @@ class ProLIP(Method):
     source = "astra-vision/ProLIP@b43e795cbf0b (methods/ProLIP.py, validation-free config lr 1e-5, lambda 1/N)"
     deviations = (
         "projection trained in fp32 (official: fp16 tensor); views from the harness's shared bank; CoOp subsets and "
-        "seeds 1-3 (official: 10 seeds of its own draws); ViT backbones only; on a timm tower's projection Linear (EVA-02, "
+        "seeds 1-3 (official: 10 seeds of its own draws); not on ResNets; on a timm tower's projection Linear (EVA-02, "
         "PE-Core; no official counterpart) its weight is W and its bias stays frozen"
     )
     open_vocabulary = True
