@@ -202,13 +202,22 @@ class Task:
         GradScaler); a pass-through for fp32 and bf16. Use: scale(loss).backward(), step(opt), update()."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
+    @staticmethod
+    def in_batches(fn, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """fn over consecutive batches of `pixels`, concatenated: evaluation sets are scored in batches
+        to bound memory."""
+        return torch.cat([fn(pixels[start : start + batch_size]) for start in range(0, len(pixels), batch_size)])
+
     def encode_images(self, model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Unnormalised image features of uint8 pixels through `model`, batched, under autocast."""
-        out = []
-        for start in range(0, len(pixels), batch_size):
+        if not len(pixels):
+            return torch.empty(0, self.backbone.embed_dim, device=self.device)
+
+        def encode(batch):
             with self.autocast():
-                out.append(model.encode_image(self.normalize(pixels[start : start + batch_size])).float())
-        return torch.cat(out) if out else torch.empty(0, self.backbone.embed_dim, device=self.device)
+                return model.encode_image(self.normalize(batch)).float()
+
+        return self.in_batches(encode, pixels, batch_size)
 
     def train_originals(self, max_short_side: int | None = None) -> list[torch.Tensor]:
         """The few-shot originals (uint8, decoded once) on the device, shared by the sweep's runs on

@@ -168,7 +168,7 @@ class MaPLe(Method):
         if classnames is not None:
             text = self.text_features(task, PromptLearner(task, self.hp["n_ctx"], 0.02, self.hp["ctx_init"], classnames))
         pixels = images.eval_pixels()
-        feats = torch.cat([self.image_features(task, pixels[i : i + 256]) for i in range(0, len(pixels), 256)])
+        feats = task.in_batches(lambda batch: self.image_features(task, batch), pixels)
         return self.logit_scale * feats @ text.T
 
     def trainable_parameters(self) -> int:

@@ -224,7 +224,7 @@ class PlotPP(Method):
     def predict(self, task: Task, images: ImageSet, classnames: list[str] | None = None) -> torch.Tensor:
         text = self.text_weights if classnames is None else self.text_features(task, self.prompt_tokens(task, classnames))
         pixels = images.eval_pixels()
-        return torch.cat([self.logits(self.image_features(task, pixels[i : i + 128]), text) for i in range(0, len(pixels), 128)])
+        return task.in_batches(lambda batch: self.logits(self.image_features(task, batch), text), pixels, 128)
 
     def trainable_parameters(self) -> int:
         return self.ctx.numel() + self.ctx_vision.numel() if hasattr(self, "ctx") else 0

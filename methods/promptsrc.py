@@ -219,7 +219,7 @@ class PromptSRC(Method):
         if classnames is not None:
             text = self.text_features(task, PromptLearner(task, self.hp["n_ctx_text"], 0.02, self.hp["ctx_init"], classnames))
         pixels = images.eval_pixels()
-        feats = torch.cat([self.image_features(task, task.normalize(pixels[i : i + 256])) for i in range(0, len(pixels), 256)])
+        feats = task.in_batches(lambda batch: self.image_features(task, task.normalize(batch)), pixels)
         return self.logit_scale * feats @ text.T
 
     def trainable_parameters(self) -> int:
