@@ -79,6 +79,16 @@ class RepresentationLearner(nn.Module):
         return [a(self.tokens) for a in self.to_vision], [a(self.tokens) for a in self.to_text]
 
 
+def enter_tokens(x: torch.Tensor, tokens: list[torch.Tensor], rep_layers: list[int], layer: int) -> torch.Tensor:
+    """Before block `layer` (1-based) of rep_layers[j], tokens[j] [K, W] go after the first token (CLS or
+    BOT): inserted at the first such layer, replacing the previous ones after it."""
+    if layer not in rep_layers:
+        return x
+    j = rep_layers.index(layer)
+    rest = x[:, 1:] if j == 0 else x[:, 1 + tokens[j].shape[0] :]
+    return torch.cat([x[:, :1], tokens[j].to(x.dtype).expand(x.shape[0], -1, -1), rest], dim=1)
+
+
 def vision_features(model, pixels: torch.Tensor, rep_layers: list[int], tokens: list[torch.Tensor], proj_rep: torch.Tensor):
     """(class feature, representation feature), unnormalised, of normalised pixels; tokens[j] [K, W]
     enters before block rep_layers[j] (1-based): inserted after CLS at the first, replacing after."""
@@ -89,11 +99,7 @@ def vision_features(model, pixels: torch.Tensor, rep_layers: list[int], tokens: 
     x = visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
     k = tokens[0].shape[0]
     for i, block in enumerate(resblocks(visual.transformer)):
-        if i + 1 in rep_layers:
-            j = rep_layers.index(i + 1)
-            rest = x[:, 1:] if j == 0 else x[:, 1 + k :]
-            x = torch.cat([x[:, :1], tokens[j].to(x.dtype).expand(x.shape[0], -1, -1), rest], dim=1)
-        x = block(x)
+        x = block(enter_tokens(x, tokens, rep_layers, i + 1))
     rep = visual.ln_post(x[:, 1 : 1 + k]).mean(dim=1) @ proj_rep.to(x.dtype)
     return visual.ln_post(x[:, 0]) @ visual.proj, rep
 
@@ -106,10 +112,7 @@ def text_features(model, tokens: torch.Tensor, rep_layers: list[int], reps: list
     x = model.token_embedding(tokens) + model.positional_embedding[: tokens.shape[1]]
     k = reps[0].shape[0]
     for i, block in enumerate(resblocks(model.transformer)):
-        if i + 1 in rep_layers:
-            j = rep_layers.index(i + 1)
-            rest = x[:, 1:] if j == 0 else x[:, 1 + k :]
-            x = torch.cat([x[:, :1], reps[j].to(x.dtype).expand(x.shape[0], -1, -1), rest], dim=1)
+        x = enter_tokens(x, reps, rep_layers, i + 1)
         n = x.shape[1]
         mask = torch.full((n, n), float("-inf"), device=x.device).triu_(1)
         x = block(x, attn_mask=mask.to(x.dtype))
@@ -212,13 +215,13 @@ class MMRL(Method):
         own = classnames is None and images.dataset == task.card.name
         template = task.card.template if images.dataset == task.card.name else get_card(images.dataset).template
         text = self.text_features(task, self.tokenize(task, template, classnames or task.classnames))
-        pixels = images.eval_pixels()
-        out = []
-        for i in range(0, len(pixels), 256):
-            image, rep = self.image_features(task, task.normalize(pixels[i : i + 256]))
+
+        def scores(batch):
+            image, rep = self.image_features(task, task.normalize(batch))
             logits = SCALE * image @ text.T
-            out.append(self.hp["alpha"] * logits + (1 - self.hp["alpha"]) * SCALE * rep @ text.T if own else logits)
-        return torch.cat(out)
+            return self.hp["alpha"] * logits + (1 - self.hp["alpha"]) * SCALE * rep @ text.T if own else logits
+
+        return task.in_batches(scores, images.eval_pixels())
 
     def trainable_parameters(self) -> int:
         return count_trainable(self.learner.parameters()) if hasattr(self, "learner") else 0
