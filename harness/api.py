@@ -216,16 +216,17 @@ def ingest_own_records(db_path: Path) -> int:
     folder = default_records_dir(db_path)
     if not (folder.is_dir() and any(folder.glob("*.json"))):
         return 0
-    state = _ingest_state(folder, db_path)
-    if state in _TAKEN:  # nothing changed since this process last took them (the CLI's note, then the API)
-        return _TAKEN[state]
+    where = (str(folder.resolve()), str(Path(db_path).resolve()))
+    taken = _TAKEN.get(where)
+    if taken and taken[0] == _ingest_state(folder, db_path):  # unchanged since this process took them (the CLI's note, then the API)
+        return taken[1]
     db_id = database_id(db_path, create=False) or "none"  # a database from before identities owns no record
     left = ingest_records(folder, db_path, db_id).foreign
-    _TAKEN[_ingest_state(folder, db_path)] = left
+    _TAKEN[where] = (_ingest_state(folder, db_path), left)
     return left
 
 
-_TAKEN: dict[tuple, int] = {}
+_TAKEN: dict[tuple[str, str], tuple[tuple, int]] = {}  # (records folder, database) -> (their state when taken, records left)
 
 
 def _ingest_state(folder: Path, db_path: Path) -> tuple:
@@ -238,7 +239,7 @@ def _ingest_state(folder: Path, db_path: Path) -> tuple:
             stat = path.stat()
             files.append((path.name, stat.st_size, stat.st_mtime_ns))
     db_stat = db.stat() if db.is_file() else None
-    return str(folder.resolve()), tuple(files), str(db.resolve()), db_stat and (db_stat.st_size, db_stat.st_mtime_ns)
+    return tuple(files), db_stat and (db_stat.st_size, db_stat.st_mtime_ns)
 
 
 def refuse_inapplicable(methods: list[str], backbones: list[str], all_methods: bool, console: Console) -> None:

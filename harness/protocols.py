@@ -51,8 +51,8 @@ class Protocol:
         if self.source and suite not in self.source:
             raise HarnessError(f"--protocol {self.name} has no source dataset for the {suite} suite.")
         if requested:
-            others = [n for n in requested if get_card(n).name != self.source.get(suite, get_card(n).name)]
-            if others and isinstance(self.targets, dict):
+            others = [n for n in requested if get_card(n).name != self.source[suite]] if isinstance(self.targets, dict) else []
+            if others:
                 raise HarnessError(
                     f"--protocol {self.name} trains on {self.source[suite]} only: its targets are that dataset's shifted "
                     f"versions, not {', '.join(others)}'s. Drop -d/--dataset (the source is used).")
